@@ -1,0 +1,82 @@
+"""Tokenisation and batching: prompts, answer-only labels, right padding, named row segments.
+
+One training step runs ONE forward pass over a padded batch whose rows are grouped in named
+segments: ``forget`` (forget question + forget answer), ``retain``, and, for some objectives,
+``idk`` (forget question + an "I don't know" answer) or ``mismatch`` (forget question + a random
+retain answer). Labels are -100 on the prompt and on padding, so losses never see them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from geffect.data.records import DataError, QARecord
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (N, T)
+    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
+    labels: torch.Tensor          # (N, T) token id on answer tokens, IGNORE elsewhere
+    segments: dict[str, slice]    # segment name -> rows
+
+    def rows(self, name: str) -> slice:
+        return self.segments[name]
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The model's chat template when it has one, else ``Question: …\\nAnswer: ``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {question}\nAnswer: "
+
+
+def encode_pair(tokenizer, question: str, answer: str, max_length: int, where: str = "") -> tuple[list, list]:
+    """Token ids of prompt+answer(+eos) and the label ids (IGNORE on prompt tokens)."""
+    prompt_ids = tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        raise DataError(f"{where or 'record'}: field 'question': the prompt is {len(prompt_ids)} tokens, "
+                        f"longer than the maximum length {max_length} (raise --max-length)")
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return ids, labels
+
+
+def collate(tokenizer, segments: dict[str, list[tuple[str, str, str]]], max_length: int) -> Batch:
+    """Build one right-padded batch from named lists of (question, answer, where) triples."""
+    all_ids, all_labels, slices, start = [], [], {}, 0
+    for name, pairs in segments.items():
+        for q, a, where in pairs:
+            ids, labels = encode_pair(tokenizer, q, a, max_length, where)
+            all_ids.append(ids)
+            all_labels.append(labels)
+        slices[name] = slice(start, start + len(pairs))
+        start += len(pairs)
+    width = max(len(x) for x in all_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(all_ids)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(all_ids, all_labels)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return Batch(input_ids, mask, labels, slices)
+
+
+def qa(records: list[QARecord]) -> list[tuple[str, str, str]]:
+    return [(r.question, r.answer, r.source) for r in records]
+
+
+def check_lengths(tokenizer, records: list[QARecord], max_length: int) -> None:
+    """Fail early, naming file, line and field, if any prompt exceeds ``max_length``."""
+    for r in records:
+        encode_pair(tokenizer, r.question, r.answer, max_length, r.source)

