@@ -102,6 +102,11 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are dequantised float32 tensors now: drop the GGUF marker so that
+    # save_pretrained writes them like any other model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return LoadedModel(model, tok, str(path))
 
 

@@ -106,14 +106,17 @@ def make_batch(tok, method: Method, forget: list[QARecord], retain: list[QARecor
 def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = None) -> ForwardOut:
     """One forward of θ (with grad) and, if needed, one no-grad forward of θ_o on the same rows."""
     want_hidden = method.needs_hidden
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    # Explicit (N, T) positions (right padding: 0..T-1 per row): position embeddings then see one
+    # row per sample, so per-sample quantities stay per sample instead of a broadcast (1, T).
+    pos = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                 output_hidden_states=want_hidden, use_cache=False)
     nll, mask = fn.token_nll(out.logits, batch.labels)
     fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
                     hidden=out.hidden_states[rmu_layer + 1] if want_hidden else None)
     if method.needs_ref:
         with torch.no_grad():
-            r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                     output_hidden_states=want_hidden, use_cache=False)
         fo.ref_nll, _ = fn.token_nll(r.logits, batch.labels)
         fo.ref_logits = r.logits if method.needs_ref_logits else None

@@ -1,0 +1,74 @@
+"""One object owns the hooks (Kronfluence style): inputs and outputs of every parameter-owning
+module in the training step's own forward, and the risk's cotangents at those outputs.
+
+Use as a context manager so hooks never outlive a step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from geffect.engine.rules import rule_for
+
+
+@dataclass
+class _Seen:
+    inputs: tuple
+    output: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
+class Capture:
+    def __init__(self, model: torch.nn.Module, assignment: dict[str, str]):
+        self.model, self.assignment = model, assignment
+        self.modules = {n: model.get_submodule(n) for n in assignment}
+        self.seen: dict[str, _Seen] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "Capture":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(mod, inputs, output):
+            if name in self.seen:
+                raise RuntimeError(f"module {name} ran twice in one forward; the G-effect engine needs one call")
+            out = output[0] if isinstance(output, tuple) else output
+            self.seen[name] = _Seen(inputs, out)
+        return hook
+
+    def risk_grads(self, risk: torch.Tensor) -> None:
+        """Cotangents of the risk at every captured output, from one backward without weight grads."""
+        names = [n for n, s in self.seen.items() if s.output.requires_grad]
+        grads = torch.autograd.grad(risk, [self.seen[n].output for n in names], retain_graph=True,
+                                    allow_unused=True)
+        for n, g in zip(names, grads):
+            self.seen[n].grad = g
+
+    def inner_products(self, V: dict[int, torch.Tensor], rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩. -> {group: (n_rows,)}.
+
+        ``V`` maps id(parameter) to the direction (∇L or the update) for that parameter.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, s in self.seen.items():
+            mod = self.modules[name]
+            local = {pn: V[id(p)] for pn, p in mod._parameters.items()
+                     if p is not None and p.requires_grad and id(p) in V}
+            if not local or s.grad is None:
+                continue
+            n_rows = s.grad.shape[0]
+            inputs = tuple(x[rows] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_rows else x
+                           for x in s.inputs)
+            with torch.no_grad():
+                vals = rule_for(mod)(mod, inputs, s.grad[rows].detach(), local).float()
+            g = self.assignment[name]
+            out[g] = out[g] + vals if g in out else vals
+        return out

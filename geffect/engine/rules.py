@@ -1,0 +1,100 @@
+"""Per-sample inner products ⟨∇_θm ℓ_i, V⟩ for one module m, from what the training pass saw.
+
+For a module with input a and output-gradient g (of the per-sample risk), the per-sample
+gradient of its weight is G_i = Σ_t g_{i,t} a_{i,t}ᵀ and ⟨G_i, V⟩ = Σ_t g_{i,t}ᵀ V a_{i,t}: no
+per-sample gradient is ever materialised. Fast rules are registered per layer type (Opacus
+style); every other module falls back to a forward-mode ``torch.func.jvp`` of its own forward:
+⟨∇_p⟨m(x; p), g⟩, V⟩ = ⟨g, J_p m · V⟩.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import functional_call, jvp
+
+Rule = Callable[[torch.nn.Module, tuple, torch.Tensor, dict], torch.Tensor]
+_RULES: dict[type, Rule] = {}
+
+
+def register_rule(*types: type):
+    """Register a fast per-sample inner-product rule; duplicate registrations are refused."""
+    def deco(fn: Rule) -> Rule:
+        for t in types:
+            if t in _RULES:
+                raise ValueError(f"a rule for {t.__name__} is already registered")
+            _RULES[t] = fn
+        return fn
+    return deco
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1, x.shape[-1])           # (N, T, d)
+
+
+@register_rule(torch.nn.Linear)
+def linear_rule(mod, inputs, g, V) -> torch.Tensor:
+    a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)
+    out = torch.zeros(g.shape[0], dtype=torch.float32)
+    if "weight" in V:
+        out = out + ((a @ V["weight"].T) * g).sum((1, 2))   # Σ_t g_tᵀ V a_t
+    if "bias" in V:
+        out = out + g.sum(1) @ V["bias"]
+    return out
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_CONV1D = _conv1d_type()
+if _CONV1D is not None:
+    @register_rule(_CONV1D)
+    def conv1d_rule(mod, inputs, g, V) -> torch.Tensor:
+        """GPT-2's Conv1D: y = a W + b with W (in, out)."""
+        a, g = _flat(inputs[0]), _flat(g)
+        out = torch.zeros(g.shape[0], dtype=torch.float32)
+        if "weight" in V:
+            out = out + ((a @ V["weight"]) * g).sum((1, 2))
+        if "bias" in V:
+            out = out + g.sum(1) @ V["bias"]
+        return out
+
+
+@register_rule(torch.nn.Embedding)
+def embedding_rule(mod, inputs, g, V) -> torch.Tensor:
+    """out_t = W[id_t]: ⟨G_i, V⟩ = Σ_t g_t · V[id_t]; the padding row receives no gradient."""
+    ids = inputs[0]                                          # (N, T)
+    if "weight" not in V:
+        return torch.zeros(ids.shape[0])
+    contrib = (V["weight"][ids] * g).sum(-1)                 # (N, T)
+    if mod.padding_idx is not None:
+        contrib = contrib.masked_fill(ids == mod.padding_idx, 0.0)
+    return contrib.sum(-1)
+
+
+def jvp_rule(mod, inputs, g, V) -> torch.Tensor:
+    """Fallback for any module treating samples independently: ⟨g, J_p m · V⟩ per sample."""
+    names = list(V)
+    primals = tuple(getattr(mod, n).detach() for n in names)
+    tangents = tuple(V[n] for n in names)
+
+    def f(*ps):
+        return functional_call(mod, dict(zip(names, ps)), tuple(x.detach() if torch.is_tensor(x) else x
+                                                                 for x in inputs))
+    with torch.no_grad():
+        _, t_out = jvp(f, primals, tangents)
+    if isinstance(t_out, tuple):
+        t_out = t_out[0]
+    return (t_out * g).reshape(g.shape[0], -1).sum(-1)
+
+
+def rule_for(mod: torch.nn.Module) -> Rule:
+    for t in type(mod).__mro__:
+        if t in _RULES:
+            return _RULES[t]
+    return jvp_rule

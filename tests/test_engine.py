@@ -1,0 +1,181 @@
+"""The G-effect engine against slow twins: full autograd gradients, one sample at a time."""
+import copy
+import random
+
+import pytest
+import torch
+
+from geffect.data.batching import collate
+from geffect.data.synthetic import default_splits, idk_answers
+from geffect.engine.groups import assign_groups
+from geffect.engine.profiler import Engine, ProfileConfig, risk_rows
+from geffect.engine.rules import jvp_rule, rule_for
+from geffect.models import frozen_reference, tiny_model
+from geffect.objectives import Hyper, parse_method
+from geffect.objectives import functional as fn
+from geffect.unlearn import Data, forward, make_batch
+
+METHODS = ["ga", "gd", "npo+gd", "npo+kl", "simnpo", "wga+kl", "tnpo", "wtnpo+gd", "po+gd", "idkdpo+gd",
+           "rmu", "llmu"]
+
+
+def _data():
+    sp = default_splits(0)
+    return Data(sp["forget"][:3], sp["retain"][:2], [], idk_answers(), True)
+
+
+def engine_step(model, method, batch, ref, cfg=None):
+    eng = Engine(model, cfg)
+    layer = 1 if method.needs_hidden else None
+    control = fn.rmu_control(model.config.hidden_size, 6.5) if method.needs_hidden else None
+    with eng.capture() as cap:
+        fo = forward(model, ref, batch, method, layer)
+        parts = method.parts(fo, control)
+        R, _, _ = risk_rows(fo)
+        cap.risk_grads(R)
+        model.zero_grad()
+        parts.total.backward()
+    return eng, eng.measure(cap, batch.segments, eng.direction_from_grads())
+
+
+def untied_twin(model):
+    """A copy whose output projection is a separate parameter (same values)."""
+    twin = copy.deepcopy(model)
+    out = twin.get_output_embeddings()
+    if out.weight is twin.get_input_embeddings().weight:
+        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+    return twin
+
+
+def brute_force(model, method, batch, records, ref, split):
+    """Per-instance per-group ⟨∇ℓ_i, ∇L⟩ with ℓ_i from a one-sample forward, by plain autograd."""
+    twin = untied_twin(model)
+    tied = twin.get_output_embeddings().weight is not model.get_output_embeddings().weight and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    layer = 1 if method.needs_hidden else None
+    control = fn.rmu_control(model.config.hidden_size, 6.5) if method.needs_hidden else None
+    twin.zero_grad()
+    method.parts(forward(twin, ref, batch, method, layer), control).total.backward()
+    params = {n: p for n, p in twin.named_parameters() if p.requires_grad}
+    gL = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    if tied and twin.get_input_embeddings().weight.requires_grad:  # ∇L of a shared tensor: sum of both uses
+        ni = [n for n, p in params.items() if p is twin.get_input_embeddings().weight][0]
+        no = [n for n, p in params.items() if p is twin.get_output_embeddings().weight][0]
+        gL[ni] = gL[no] = gL[ni] + gL[no]
+    groups = assign_groups(twin)
+    rows = []
+    for r in records:
+        b = collate(model_tok[0], {"x": [(r.question, r.answer, "")]}, 96)
+        logits = twin(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        ell = fn.mean_nll(*fn.token_nll(logits, b.labels))[0]
+        grads = torch.autograd.grad(ell, list(params.values()), allow_unused=True)
+        vals = {}
+        for (n, p), g in zip(params.items(), grads):
+            if g is None or not p.requires_grad:
+                continue
+            grp = groups[n.rsplit(".", 1)[0]]
+            vals[grp] = vals.get(grp, 0.0) + (g.double() * gL[n].double()).sum().item()
+        rows.append(vals)
+    return rows
+
+
+model_tok = [None]
+
+
+@pytest.mark.parametrize("spec", METHODS)
+def test_per_instance_and_group_effects_match_autograd(tiny, spec):
+    model_tok[0] = tiny.tokenizer
+    method = parse_method(spec, Hyper(rmu_layer=1))
+    data = _data()
+    model = tiny.model
+    if method.needs_hidden:
+        from geffect.layers import find_blocks
+        model.requires_grad_(False)
+        find_blocks(model)[1][0].requires_grad_(True)
+        find_blocks(model)[1][1].requires_grad_(True)
+    ref = frozen_reference(model)
+    batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
+    eng, res = engine_step(model, method, batch, ref)
+    for split, recs in (("forget", data.forget), ("retain", data.retain)):
+        brute = brute_force(model, method, batch, recs, ref, split)
+        for i, vals in enumerate(brute):
+            for gi, g in enumerate(eng.groups):
+                want = vals.get(g, 0.0)
+                got = res[split][i, gi].item()
+                assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (split, i, g, got, want)
+    # invariants: groups sum to the total; e_u = mean of the forget PG-effects
+    s = eng.summarise(res)
+    assert abs(sum(v for k, v in s["unlearn"].items() if k != "total") - s["unlearn"]["total"]) < 1e-9
+    tot = s["unlearn"]["total"]
+    assert abs(res["forget"].sum(1).double().mean().item() - tot) <= 1e-5 * max(1.0, abs(tot))
+
+
+def test_ga_unlearning_effect_is_minus_squared_norm(tiny):
+    """For GA, e_u = ∇R_uᵀ∇(−R_u) = −‖∇R_u‖² (forget rows only in the batch's forget risk)."""
+    method = parse_method("ga")
+    data = _data()
+    model = tiny.model
+    batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
+    eng, res = engine_step(model, method, batch, None)
+    e_u = eng.summarise(res)["unlearn"]["total"]
+    sq = sum((p.grad.double() ** 2).sum().item() for p in model.parameters() if p.grad is not None)
+    assert e_u < 0
+    assert abs(e_u + sq) <= 1e-5 * sq
+
+
+def test_padding_changes_no_effect(tiny):
+    method = parse_method("npo+gd")
+    data = _data()
+    model = tiny.model
+    ref = frozen_reference(model)
+    batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
+    _, a = engine_step(model, method, batch, ref)
+    k, pad = 5, tiny.tokenizer.pad_token_id
+    n = len(batch.input_ids)
+    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
+                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
+                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
+    _, b = engine_step(model, method, wide, ref)
+    for split in a:
+        assert torch.allclose(a[split], b[split], rtol=1e-4, atol=1e-6)
+
+
+def test_fast_rules_agree_with_jvp_fallback():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 4)
+    emb = torch.nn.Embedding(7, 3, padding_idx=0)
+    for mod, x, out_shape in ((lin, torch.randn(2, 3, 5), (2, 3, 4)), (emb, torch.randint(0, 7, (2, 6)), (2, 6, 3))):
+        g = torch.randn(out_shape)
+        V = {n: torch.randn_like(p) for n, p in mod.named_parameters()}
+        fast = rule_for(mod)(mod, (x,), g, V)
+        slow = jvp_rule(mod, (x,), g, V)
+        assert rule_for(mod) is not jvp_rule
+        assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_duplicate_rule_registration_refused():
+    from geffect.engine.rules import register_rule
+    with pytest.raises(ValueError):
+        register_rule(torch.nn.Linear)(lambda *a: None)
+
+
+def test_groups_cover_every_parameter_once(tiny):
+    groups = assign_groups(tiny.model)
+    owned = {id(p) for n in groups for p in tiny.model.get_submodule(n).parameters(recurse=False)}
+    assert owned == {id(p) for p in tiny.model.parameters()}
+    assert set(groups.values()) <= {"embed", "shallow", "middle", "deep", "lm"}
+    assert groups[[n for n, m in tiny.model.named_modules() if m is tiny.model.get_output_embeddings()][0]] == "lm"
+    blocks = assign_groups(tiny.model, resolution="block")
+    assert {"block.0", "block.1"} <= set(blocks.values())
+
+
+def test_unknown_architecture_is_refused():
+    from geffect.layers import ArchitectureError
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.b = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with pytest.raises(ArchitectureError):
+        assign_groups(Odd())
