@@ -1,7 +1,9 @@
 """geffect: a G-effect profiler for LLM unlearning (Wang et al., ICLR 2025)."""
+from geffect.engine import Engine, ProfileConfig
+from geffect.engine.measure import measure
 from geffect.models import load_model
 from geffect.objectives import Hyper, parse_method
 from geffect.unlearn import UnlearnConfig, unlearn
 
-__all__ = ["load_model", "Hyper", "parse_method", "UnlearnConfig", "unlearn"]
+__all__ = ["Engine", "ProfileConfig", "measure", "load_model", "Hyper", "parse_method", "UnlearnConfig", "unlearn"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from geffect.engine.profiler import ProfileConfig
     from geffect.objectives.methods import Hyper
     from geffect.unlearn import UnlearnConfig
 
@@ -44,6 +45,27 @@ def _build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
     u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     u.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    pr = sub.add_parser("profile", help="unlearn with the G-effect engine on (geffect.csv, instances.csv)",
+                        description="geffect unlearn plus per-step G-effects per layer group and per instance, "
+                                    "from the training step's own forward and backward pass.")
+    _add_dataclass_args(pr, UnlearnConfig)
+    _add_dataclass_args(pr.add_argument_group("objective hyperparameters"), Hyper)
+    _add_dataclass_args(pr.add_argument_group("G-effect engine"), ProfileConfig)
+    pr.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    pr.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    m = sub.add_parser("measure", help="one step's G-effects at the given weights (no update)",
+                       description="G-effects of one step of --method with the whole forget and retain sets "
+                                   "as one batch each; the model is not updated.")
+    for name in ("method", "model", "forget", "retain", "memorize", "max_length", "seed"):
+        f = {f.name: f for f in dataclasses.fields(UnlearnConfig)}[name]
+        m.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default) if f.default is not None
+                       else str, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    _add_dataclass_args(m.add_argument_group("objective hyperparameters"), Hyper)
+    _add_dataclass_args(m.add_argument_group("G-effect engine"), ProfileConfig, skip=("probe_every", "probe_retain"))
+    m.add_argument("--json", action="store_true", help="print JSON: unlearn, retain, per_instance")
     return p
 
 
@@ -56,8 +78,14 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
     from geffect.unlearn import UnlearnConfig, unlearn
 
     cfg, hyper = _split(ns, UnlearnConfig), _split(ns, Hyper)
-    summary = unlearn(cfg, ns.out, hyper, overwrite=ns.overwrite)
-    summary.pop("records")
+    profile = None
+    if ns.verb == "profile":
+        from geffect.engine.profiler import ProfileConfig
+        profile = _split(ns, ProfileConfig)
+    summary = unlearn(cfg, ns.out, hyper, overwrite=ns.overwrite, profile=profile)
+    summary_rows = summary.get("geffect", [])
+    for k in ("records", "geffect", "instances"):
+        summary.pop(k, None)
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -67,8 +95,46 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
         print(f"  forget NLL  {b['nll_forget']:.3f} -> {a['nll_forget']:.3f}   "
               f"(perturbed answers {b['nll_forget_perturbed']:.3f} -> {a['nll_forget_perturbed']:.3f})")
         print(f"  retain NLL  {b['nll_retain']:.3f} -> {a['nll_retain']:.3f}")
+        if profile is not None:
+            import pandas as pd
+            print(_effect_table(pd.DataFrame(_last_effects(summary_rows))))
         if "run_dir" in summary:
             print(f"  run directory: {summary['run_dir']}")
+    return 0
+
+
+def _last_effects(rows: list[dict]) -> list[dict]:
+    """Cumulative in-batch G-effects over the run, per risk and group."""
+    return [r for r in rows if r["source"] == "batch"]
+
+
+def _effect_table(df) -> str:
+    if df.empty:
+        return ""
+    cum = df.pivot_table(index="group", columns="risk", values="value", aggfunc="sum", sort=False)
+    lines = ["  cumulative G-effect over the run (e_u < 0 removes, e_r >= 0 retains):",
+             f"    {'group':<8} {'e_u':>12} {'e_r':>12}"]
+    for g, row in cum.iterrows():
+        lines.append(f"    {g:<8} {row.get('unlearn', float('nan')):>12.4g} {row.get('retain', float('nan')):>12.4g}")
+    return "\n".join(lines)
+
+
+def cmd_measure(ns: argparse.Namespace) -> int:
+    from geffect.engine.measure import measure
+    from geffect.engine.profiler import ProfileConfig
+    from geffect.objectives.methods import Hyper
+
+    hyper = _split(ns, Hyper)
+    prof = ProfileConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ProfileConfig)
+                            if hasattr(ns, f.name)})
+    res = measure(ns.method, ns.model, ns.forget, ns.retain, ns.memorize, hyper, prof, ns.max_length, ns.seed)
+    if ns.json:
+        print(json.dumps({k: res[k] for k in ("unlearn", "retain", "per_instance")}, indent=2))
+    else:
+        print(f"G-effects of one {res['method']} step (e_u < 0 removes, e_r >= 0 retains):")
+        print(f"  {'group':<8} {'e_u':>12} {'e_r':>12}")
+        for g in res["groups"] + ["total"]:
+            print(f"  {g:<8} {res['unlearn'][g]:>12.4g} {res['retain'][g]:>12.4g}")
     return 0
 
 
@@ -80,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from geffect.objectives.methods import MethodError
     from geffect.rundir import RunDirError
     try:
-        return {"unlearn": cmd_unlearn}[ns.verb](ns)
+        return {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure}[ns.verb](ns)
     except (DataError, MethodError, ModelLoadError, RunDirError) as err:
         print(f"geffect: error: {err}", file=sys.stderr)
         return 2

@@ -214,12 +214,26 @@ def total_steps(cfg: UnlearnConfig, n_forget: int) -> int:
     return cfg.steps
 
 
+def instance_weights(parts: Parts) -> torch.Tensor | None:
+    """Per forget instance: the NPO-family weight, or the mean token weight over answer tokens."""
+    if parts.instance_weight is not None:
+        return parts.instance_weight.detach()
+    if parts.token_weight is not None:
+        tw = parts.token_weight.detach()
+        return tw.sum(-1) / (tw > 0).sum(-1).clamp_min(1)
+    return None
+
+
 def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = None,
-            overwrite: bool = False, loaded: LoadedModel | None = None, step_hook=None) -> dict:
+            overwrite: bool = False, loaded: LoadedModel | None = None, profile=None) -> dict:
     """Run unlearning; write the run directory ``out`` (if given). Returns a summary dict.
 
-    ``step_hook(step, ctx)`` lets the G-effect engine observe each step (later issues).
+    ``profile`` (a :class:`geffect.engine.ProfileConfig`) turns on the G-effect engine: the same
+    forward and backward that train the model yield per-group and per-instance G-effects, written
+    to ``geffect.csv`` and ``instances.csv``.
     """
+    from contextlib import nullcontext
+
     run = RunDir(out, overwrite) if out else None
     try:
         st = prepare(cfg, hyper, loaded)
@@ -229,12 +243,20 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                   "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg, params)
+        index = {id(r): i for i, r in enumerate(data.forget)} | {id(r): i for i, r in enumerate(data.retain)}
         fs, rs = Sampler(data.forget, cfg.seed), Sampler(data.retain, cfg.seed + 1)
         rng = random.Random(cfg.seed + 2)
         n_steps = total_steps(cfg, len(data.forget))
-        rows = []
+        engine = probe = None
+        if profile is not None:
+            from geffect.engine.profiler import Engine, make_probe
+            engine = Engine(model, profile)
+            if profile.probe_every > 0:
+                probe = make_probe(tok, data, profile.probe_retain, cfg.max_length, cfg.seed)
+        rows, effect_rows, instance_rows = [], [], []
         model.train()
-        bar = tqdm(range(n_steps), desc=f"unlearn {method.name}", disable=not cfg.progress)
+        bar = tqdm(range(n_steps), desc=f"{'profile' if engine else 'unlearn'} {method.name}",
+                   disable=not cfg.progress)
         t_start = time.perf_counter()
         for step in bar:
             t0 = time.perf_counter()
@@ -243,22 +265,45 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             acc = {"loss": 0.0, "loss_forget": 0.0, "loss_retain": 0.0, "nll_forget": 0.0, "nll_retain": 0.0}
-            wsum: dict = {}
+            captured = []
             for _ in range(cfg.grad_accum):
-                batch = make_batch(tok, method, fs.take(cfg.forget_batch), rs.take(cfg.retain_batch), data,
-                                   rng, cfg.max_length)
-                fo = forward(model, ref, batch, method, st["rmu_layer"])
-                parts = method.parts(fo, st["control"])
-                (parts.total / cfg.grad_accum).backward()
+                fb, rb = fs.take(cfg.forget_batch), rs.take(cfg.retain_batch)
+                batch = make_batch(tok, method, fb, rb, data, rng, cfg.max_length)
+                with (engine.capture() if engine else nullcontext()) as cap:
+                    fo = forward(model, ref, batch, method, st["rmu_layer"])
+                    parts = method.parts(fo, st["control"])
+                    if engine:
+                        engine.risk_backward(cap, fo)
+                    (parts.total / cfg.grad_accum).backward()
+                if engine:
+                    captured.append((cap, batch.segments, [index[id(r)] for r in fb], [index[id(r)] for r in rb],
+                                     instance_weights(parts)))
                 acc["loss"] += parts.total.item() / cfg.grad_accum
                 acc["loss_forget"] += parts.forget.item() / cfg.grad_accum
                 acc["loss_retain"] += (parts.retain.item() if parts.retain is not None else 0.0) / cfg.grad_accum
                 acc["nll_forget"] += fn.nll_loss(*fo.seg("forget")).item() / cfg.grad_accum
                 acc["nll_retain"] += fn.nll_loss(*fo.seg("retain")).item() / cfg.grad_accum
                 wsum = weight_summary(parts)
+            probe_cap = None
+            if probe is not None and step % profile.probe_every == 0:
+                probe_cap = engine.capture_probe(probe)
+            V = engine.direction_from_grads() if engine else None
+            snapshot = ({id(p): p.detach().clone() for p in params}
+                        if engine and profile.direction == "update" else None)
             if cfg.clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
+            if snapshot is not None:
+                V = {id(p): (snapshot[id(p)] - p.detach()) / lr for p in params}  # −Δθ/η
+            if engine:
+                er, ir = engine.records(step, captured, V)
+                if probe_cap is not None:
+                    er2, ir2 = engine.records(step, [(probe_cap, probe.segments, probe.forget_index,
+                                                      probe.retain_index, None)], V, source="probe")
+                    er, ir = er + er2, ir + ir2
+                effect_rows += er
+                instance_rows += ir
+                del captured, probe_cap, V, snapshot
             row = {"step": step, **acc, "lr": lr, **wsum, "time_s": time.perf_counter() - t0}
             if parts.retain is None:
                 row["loss_retain"] = float("nan")
@@ -272,15 +317,25 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                  "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
         summary = {"method": method.name, "steps": n_steps, "before": before, "after": after,
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps)}
+        if engine:
+            summary["groups"] = engine.groups
         if run is not None:
-            run.write_json("config.json", {"run": asdict(cfg), "objective": method.config()})
+            conf = {"run": asdict(cfg), "objective": method.config()}
+            if profile is not None:
+                conf["profile"] = asdict(profile)
+            run.write_json("config.json", conf)
             pd.DataFrame(rows).to_csv(run.path / "records.csv", index=False)
+            if engine:
+                pd.DataFrame(effect_rows).to_csv(run.path / "geffect.csv", index=False)
+                pd.DataFrame(instance_rows).to_csv(run.path / "instances.csv", index=False)
             run.write_json("summary.json", summary)
             if cfg.save_model:
                 model.save_pretrained(run.path / "model", safe_serialization=True)
                 tok.save_pretrained(run.path / "model")
             summary["run_dir"] = str(run.commit())
         summary["records"] = rows
+        summary["geffect"] = effect_rows
+        summary["instances"] = instance_rows
         return summary
     except BaseException:
         if run is not None and run.path.exists():

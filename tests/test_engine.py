@@ -179,3 +179,47 @@ def test_unknown_architecture_is_refused():
             self.b = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
     with pytest.raises(ArchitectureError):
         assign_groups(Odd())
+
+
+def test_profile_cli_writes_records(tmp_path, capsys):
+    from geffect.cli import main
+    import pandas as pd
+    out = tmp_path / "run"
+    rc = main(["profile", "--model", "tiny-llama", "--method", "npo+gd", "--steps", "3", "--memorize", "no",
+               "--probe-every", "2", "--out", str(out), "--no-progress", "--no-save-model"])
+    assert rc == 0
+    assert "cumulative G-effect" in capsys.readouterr().out
+    ge = pd.read_csv(out / "geffect.csv")
+    assert set(ge.columns) >= {"step", "source", "direction", "risk", "group", "value"}
+    assert set(ge["source"]) == {"batch", "probe"} and sorted(set(ge[ge.source == "probe"].step)) == [0, 2]
+    assert set(ge["group"]) == {"embed", "shallow", "middle", "deep", "lm", "total"}
+    inst = pd.read_csv(out / "instances.csv")
+    assert set(inst.columns) >= {"step", "split", "index", "value", "weight"}
+    # per step: e_u (batch) is the mean of the forget PG-effects
+    for step in range(3):
+        e_u = ge[(ge.step == step) & (ge.source == "batch") & (ge.risk == "unlearn") & (ge.group == "total")].value.item()
+        pg = inst[(inst.step == step) & (inst.source == "batch") & (inst.split == "forget")].value.mean()
+        assert abs(e_u - pg) <= 1e-5 * max(1, abs(e_u))
+    assert inst[(inst.split == "forget") & (inst.source == "batch")].weight.notna().all()
+
+
+def test_update_direction_matches_first_order_change(tmp_path):
+    """With SGD the update is −η∇L, so the update-direction G-effect equals the gradient one."""
+    from geffect.engine import ProfileConfig
+    from geffect.unlearn import UnlearnConfig, unlearn
+    base = dict(method="gd", model="tiny-gpt2", steps=2, optimizer="sgd", lr=1e-2, warmup_steps=0,
+                progress=False, save_model=False, memorize="no")
+    a = unlearn(UnlearnConfig(**base), profile=ProfileConfig(direction="grad"))["geffect"]
+    b = unlearn(UnlearnConfig(**base), profile=ProfileConfig(direction="update"))["geffect"]
+    for ra, rb in zip(a, b):
+        assert ra["group"] == rb["group"] and rb["direction"] == "update"
+        assert abs(ra["value"] - rb["value"]) <= 1e-3 * max(1.0, abs(ra["value"]))
+
+
+def test_measure_api_json_schema():
+    from geffect import measure
+    res = measure("npo+gd", "tiny-llama", memorize="no")
+    assert set(res["unlearn"]) == {"embed", "shallow", "middle", "deep", "lm", "total"}
+    assert {"split", "index", "value", "weight"} <= set(res["per_instance"][0])
+    fv = [r["value"] for r in res["per_instance"] if r["split"] == "forget"]
+    assert abs(sum(fv) / len(fv) - res["unlearn"]["total"]) <= 1e-5 * max(1, abs(res["unlearn"]["total"]))

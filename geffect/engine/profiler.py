@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from geffect.engine.capture import Capture
-from geffect.engine.groups import assign_groups, group_names
+from geffect.engine.groups import GROUPS, assign_groups, group_names
 from geffect.objectives import functional as fn
 
 
@@ -62,7 +62,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, cfg: ProfileConfig | None = None):
         self.model, self.cfg = model, cfg or ProfileConfig()
         self.assignment = assign_groups(model, parse_boundaries(self.cfg.boundaries), self.cfg.resolution)
-        self.groups = group_names(self.assignment)
+        # group resolution: always all five groups (an empty group, e.g. 'deep' of a 2-block model, is 0)
+        self.groups = list(GROUPS) if self.cfg.resolution == "group" else group_names(self.assignment)
 
     def capture(self) -> Capture:
         return Capture(self.model, self.assignment)
@@ -90,3 +91,59 @@ class Engine:
             out[risk] = {g: m[i].item() for i, g in enumerate(self.groups)}
             out[risk]["total"] = m.sum().item()
         return out
+
+    def risk_backward(self, cap: Capture, fo) -> None:
+        """The risk's cotangents at every module output (one backward, no weight gradients)."""
+        R, _, _ = risk_rows(fo)
+        cap.risk_grads(R)
+
+    def capture_probe(self, probe) -> Capture:
+        """Forward the fixed probe set at the current weights and capture its risk cotangents."""
+        from geffect.objectives import functional as fn
+        with self.capture() as cap:
+            pos = torch.arange(probe.input_ids.shape[1]).expand_as(probe.input_ids)
+            logits = self.model(input_ids=probe.input_ids, attention_mask=probe.attention_mask,
+                                position_ids=pos, use_cache=False).logits
+            nll, mask = fn.token_nll(logits, probe.labels)
+            cap.risk_grads(fn.mean_nll(nll, mask).sum())
+        return cap
+
+    def records(self, step: int, captured: list, V: dict, source: str = "batch") -> tuple[list, list]:
+        """Long-format G-effect rows and per-instance rows for one optimizer step."""
+        per = {"forget": [], "retain": []}
+        inst = []
+        for cap, segments, f_idx, r_idx, weights in captured:
+            res = self.measure(cap, segments, V)
+            for split, idx in (("forget", f_idx), ("retain", r_idx)):
+                per[split].append(res[split])
+                for i, ds_index in enumerate(idx):
+                    row = {"step": step, "source": source, "split": split, "index": ds_index,
+                           "value": res[split][i].sum().item(),
+                           "weight": (weights[i].item() if split == "forget" and weights is not None
+                                      else float("nan"))}
+                    row.update({f"value_{g}": res[split][i, gi].item() for gi, g in enumerate(self.groups)})
+                    inst.append(row)
+        summary = self.summarise({k: torch.cat(v) for k, v in per.items()})
+        eff = [{"step": step, "source": source, "direction": self.cfg.direction, "risk": risk, "group": g,
+                "value": val} for risk, d in summary.items() for g, val in d.items()]
+        return eff, inst
+
+
+@dataclass
+class Probe:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    segments: dict
+    forget_index: list
+    retain_index: list
+
+
+def make_probe(tok, data, n_retain: int, max_length: int, seed: int) -> Probe:
+    """The fixed probe set: the whole forget set and a seeded retain sample."""
+    import random as _random
+
+    from geffect.data.batching import collate, qa
+    r_idx = sorted(_random.Random(seed + 99).sample(range(len(data.retain)), min(n_retain, len(data.retain))))
+    b = collate(tok, {"forget": qa(data.forget), "retain": qa([data.retain[i] for i in r_idx])}, max_length)
+    return Probe(b.input_ids, b.attention_mask, b.labels, b.segments, list(range(len(data.forget))), r_idx)
