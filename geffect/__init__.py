@@ -5,5 +5,5 @@ from geffect.models import load_model
 from geffect.objectives import Hyper, parse_method
 from geffect.unlearn import UnlearnConfig, unlearn
 
-__all__ = ["Engine", "ProfileConfig", "measure", "load_model", "Hyper", "parse_method", "UnlearnConfig", "unlearn"]
+__all__ = ["Engine", "Hyper", "ProfileConfig", "UnlearnConfig", "load_model", "measure", "parse_method", "unlearn"]
 __version__ = "0.1.0"

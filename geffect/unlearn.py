@@ -273,8 +273,9 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                     fo = forward(model, ref, batch, method, st["rmu_layer"])
                     parts = method.parts(fo, st["control"])
                     if engine:
-                        engine.risk_backward(cap, fo)
-                    (parts.total / cfg.grad_accum).backward()
+                        engine.backward(cap, fo, parts.total / cfg.grad_accum, method.needs_hidden)
+                    else:
+                        (parts.total / cfg.grad_accum).backward()
                 if engine:
                     captured.append((cap, batch.segments, [index[id(r)] for r in fb], [index[id(r)] for r in rb],
                                      instance_weights(parts)))

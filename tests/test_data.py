@@ -18,7 +18,7 @@ def test_bundled_splits_are_deterministic_and_complete():
             assert r.paraphrased_answer and len(r.perturbed_answer) == 3
             assert r.answer not in r.perturbed_answer
             assert "genre" in r.attributes and "author" in r.attributes
-    authors = lambda s: {r.attributes["author"] for r in a[s]}  # noqa: E731
+    authors = lambda s: {r.attributes["author"] for r in a[s]}
     assert not authors("forget") & authors("retain")
     assert len(idk_answers()) >= 10
 

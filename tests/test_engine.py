@@ -8,9 +8,9 @@ import torch
 from geffect.data.batching import collate
 from geffect.data.synthetic import default_splits, idk_answers
 from geffect.engine.groups import assign_groups
-from geffect.engine.profiler import Engine, ProfileConfig, risk_rows
+from geffect.engine.profiler import Engine, ProfileConfig
 from geffect.engine.rules import jvp_rule, rule_for
-from geffect.models import frozen_reference, tiny_model
+from geffect.models import frozen_reference
 from geffect.objectives import Hyper, parse_method
 from geffect.objectives import functional as fn
 from geffect.unlearn import Data, forward, make_batch
@@ -31,10 +31,8 @@ def engine_step(model, method, batch, ref, cfg=None):
     with eng.capture() as cap:
         fo = forward(model, ref, batch, method, layer)
         parts = method.parts(fo, control)
-        R, _, _ = risk_rows(fo)
-        cap.risk_grads(R)
         model.zero_grad()
-        parts.total.backward()
+        eng.last_path = eng.backward(cap, fo, parts.total, method.needs_hidden)
     return eng, eng.measure(cap, batch.segments, eng.direction_from_grads())
 
 
@@ -59,8 +57,8 @@ def brute_force(model, method, batch, records, ref, split):
     params = {n: p for n, p in twin.named_parameters() if p.requires_grad}
     gL = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
     if tied and twin.get_input_embeddings().weight.requires_grad:  # ∇L of a shared tensor: sum of both uses
-        ni = [n for n, p in params.items() if p is twin.get_input_embeddings().weight][0]
-        no = [n for n, p in params.items() if p is twin.get_output_embeddings().weight][0]
+        ni = next(n for n, p in params.items() if p is twin.get_input_embeddings().weight)
+        no = next(n for n, p in params.items() if p is twin.get_output_embeddings().weight)
         gL[ni] = gL[no] = gL[ni] + gL[no]
     groups = assign_groups(twin)
     rows = []
@@ -82,8 +80,9 @@ def brute_force(model, method, batch, records, ref, split):
 model_tok = [None]
 
 
+@pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("spec", METHODS)
-def test_per_instance_and_group_effects_match_autograd(tiny, spec):
+def test_per_instance_and_group_effects_match_autograd(tiny, spec, reuse):
     model_tok[0] = tiny.tokenizer
     method = parse_method(spec, Hyper(rmu_layer=1))
     data = _data()
@@ -95,7 +94,11 @@ def test_per_instance_and_group_effects_match_autograd(tiny, spec):
         find_blocks(model)[1][1].requires_grad_(True)
     ref = frozen_reference(model)
     batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
-    eng, res = engine_step(model, method, batch, ref)
+    eng, res = engine_step(model, method, batch, ref, ProfileConfig(reuse_backward=reuse))
+    # the reuse path applies exactly to per-instance reweightings of the NLL
+    # (GA or SimNPO alone leave the retain rows without a training cotangent: extra backward)
+    expect_reuse = reuse and spec in ("gd", "npo+gd", "idkdpo+gd")
+    assert eng.last_path == ("reuse" if expect_reuse else "extra"), eng.last_path
     for split, recs in (("forget", data.forget), ("retain", data.retain)):
         brute = brute_force(model, method, batch, recs, ref, split)
         for i, vals in enumerate(brute):
@@ -164,7 +167,8 @@ def test_groups_cover_every_parameter_once(tiny):
     owned = {id(p) for n in groups for p in tiny.model.get_submodule(n).parameters(recurse=False)}
     assert owned == {id(p) for p in tiny.model.parameters()}
     assert set(groups.values()) <= {"embed", "shallow", "middle", "deep", "lm"}
-    assert groups[[n for n, m in tiny.model.named_modules() if m is tiny.model.get_output_embeddings()][0]] == "lm"
+    head = next(n for n, m in tiny.model.named_modules() if m is tiny.model.get_output_embeddings())
+    assert groups[head] == "lm"
     blocks = assign_groups(tiny.model, resolution="block")
     assert {"block.0", "block.1"} <= set(blocks.values())
 
@@ -182,8 +186,9 @@ def test_unknown_architecture_is_refused():
 
 
 def test_profile_cli_writes_records(tmp_path, capsys):
-    from geffect.cli import main
     import pandas as pd
+
+    from geffect.cli import main
     out = tmp_path / "run"
     rc = main(["profile", "--model", "tiny-llama", "--method", "npo+gd", "--steps", "3", "--memorize", "no",
                "--probe-every", "2", "--out", str(out), "--no-progress", "--no-save-model"])
@@ -207,8 +212,8 @@ def test_update_direction_matches_first_order_change(tmp_path):
     """With SGD the update is −η∇L, so the update-direction G-effect equals the gradient one."""
     from geffect.engine import ProfileConfig
     from geffect.unlearn import UnlearnConfig, unlearn
-    base = dict(method="gd", model="tiny-gpt2", steps=2, optimizer="sgd", lr=1e-2, warmup_steps=0,
-                progress=False, save_model=False, memorize="no")
+    base = {"method": "gd", "model": "tiny-gpt2", "steps": 2, "optimizer": "sgd", "lr": 1e-2, "warmup_steps": 0,
+            "progress": False, "save_model": False, "memorize": "no"}
     a = unlearn(UnlearnConfig(**base), profile=ProfileConfig(direction="grad"))["geffect"]
     b = unlearn(UnlearnConfig(**base), profile=ProfileConfig(direction="update"))["geffect"]
     for ra, rb in zip(a, b):

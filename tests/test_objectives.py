@@ -1,16 +1,16 @@
 """Objectives against their formulas at analytic points and their gradients against autograd."""
 import math
+import random
 
 import pytest
 import torch
 
 from geffect.data.batching import collate
-from geffect.models import frozen_reference, tiny_model
+from geffect.data.synthetic import default_splits, idk_answers
+from geffect.models import frozen_reference
 from geffect.objectives import Hyper, parse_method
 from geffect.objectives import functional as fn
 from geffect.unlearn import Data, forward, make_batch
-from geffect.data.synthetic import default_splits, idk_answers
-import random
 
 
 def test_token_nll_matches_hf_loss(tiny):

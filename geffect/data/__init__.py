@@ -2,4 +2,4 @@
 from geffect.data.records import DataError, QARecord, load_records
 from geffect.data.synthetic import default_splits, idk_answers
 
-__all__ = ["DataError", "QARecord", "load_records", "default_splits", "idk_answers"]
+__all__ = ["DataError", "QARecord", "default_splits", "idk_answers", "load_records"]

@@ -79,7 +79,7 @@ def default_splits(seed: int = 0, n_forget: int = 4, n_retain: int = 8,
             names.append(name)
     authors = [_author(rng, name, _GENRES[i % len(_GENRES)]) for i, name in enumerate(names)]
     records = [_facts(a, rng) for a in authors]
-    flat = lambda blocks: [r for block in blocks for r in block]  # noqa: E731
+    flat = lambda blocks: [r for block in blocks for r in block]
     return {"forget": flat(records[:n_forget]),
             "retain": flat(records[n_forget:n_forget + n_retain]),
             "holdout": flat(records[n_forget + n_retain:])}

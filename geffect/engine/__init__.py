@@ -3,4 +3,4 @@ training step's own forward and backward pass."""
 from geffect.engine.groups import GROUPS, assign_groups
 from geffect.engine.profiler import Engine, ProfileConfig
 
-__all__ = ["GROUPS", "assign_groups", "Engine", "ProfileConfig"]
+__all__ = ["GROUPS", "Engine", "ProfileConfig", "assign_groups"]

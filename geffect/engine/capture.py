@@ -6,6 +6,7 @@ Use as a context manager so hooks never outlive a step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
@@ -25,8 +26,9 @@ class Capture:
         self.modules = {n: model.get_submodule(n) for n in assignment}
         self.seen: dict[str, _Seen] = {}
         self._handles: list = []
+        self.stash = False  # when True, the training backward's cotangents are kept (reuse path)
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Self:
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(self._hook(name)))
         return self
@@ -41,7 +43,12 @@ class Capture:
             if name in self.seen:
                 raise RuntimeError(f"module {name} ran twice in one forward; the G-effect engine needs one call")
             out = output[0] if isinstance(output, tuple) else output
-            self.seen[name] = _Seen(inputs, out)
+            seen = self.seen[name] = _Seen(inputs, out)
+            if out.requires_grad:
+                def keep(g, seen=seen):
+                    if self.stash:
+                        seen.grad = g
+                out.register_hook(keep)
         return hook
 
     def risk_grads(self, risk: torch.Tensor) -> None:
@@ -51,6 +58,14 @@ class Capture:
                                     allow_unused=True)
         for n, g in zip(names, grads):
             self.seen[n].grad = g
+
+    def rescale_rows(self, rows: torch.Tensor, scale: torch.Tensor) -> None:
+        """Turn stashed training cotangents into risk cotangents: g_R[i] = g_L[i] / c_i on ``rows``."""
+        for s in self.seen.values():
+            if s.grad is not None:
+                g = torch.zeros_like(s.grad)
+                g[rows] = s.grad[rows] * scale.view(-1, *([1] * (s.grad.dim() - 1))).to(g.dtype)
+                s.grad = g
 
     def inner_products(self, V: dict[int, torch.Tensor], rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩. -> {group: (n_rows,)}.

@@ -33,8 +33,7 @@ def measure(method: str = "npo+gd", model: str = "smollm2-135m", forget: str | N
     with engine.capture() as cap:
         fo = forward(mdl, st["ref"], batch, meth, st["rmu_layer"])
         parts = meth.parts(fo, st["control"])
-        engine.risk_backward(cap, fo)
-        parts.total.backward()
+        engine.backward(cap, fo, parts.total, meth.needs_hidden)
     res = engine.measure(cap, batch.segments, engine.direction_from_grads())
     mdl.zero_grad(set_to_none=True)
     out = engine.summarise(res)

@@ -36,6 +36,9 @@ class ProfileConfig:
         "help": "every k steps also measure against the risk over a fixed probe set (whole forget set "
                 "and a retain sample); 0 = off"})
     probe_retain: int = field(default=16, metadata={"help": "retain samples in the probe set"})
+    reuse_backward: bool = field(default=True, metadata={
+        "help": "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, SimNPO …), "
+                "derive the risk cotangents from the training backward instead of an extra backward"})
 
 
 def parse_boundaries(text: str | None) -> tuple[int, int] | None:
@@ -97,6 +100,32 @@ class Engine:
         R, _, _ = risk_rows(fo)
         cap.risk_grads(R)
 
+    def backward(self, cap: Capture, fo, loss: torch.Tensor, uses_hidden: bool = False) -> str:
+        """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
+
+        ``reuse``: if on every forget/retain row the loss's cotangent at the logits is c_i times the
+        risk's (checked numerically, c_i ≠ 0), the rows' cotangents at every module are c_i times the
+        risk's too (backprop is linear and rows do not interact), so the training backward's own
+        cotangents divided by c_i are the risk's: no extra backward. ``extra``: one backward of R
+        to the module outputs (no weight gradients), then the training backward.
+        """
+        R, f, r = risk_rows(fo)
+        rows = torch.cat([torch.arange(f.start, f.stop), torch.arange(r.start, r.stop)])
+        c = None
+        if self.cfg.reuse_backward and not uses_hidden:
+            gL, gR = (torch.autograd.grad(x, fo.logits, retain_graph=True, allow_unused=True)[0] for x in (loss, R))
+            if gL is not None:
+                c = proportional(gL[rows], gR[rows])
+        if c is None:
+            cap.risk_grads(R)
+            loss.backward()
+            return "extra"
+        cap.stash = True
+        loss.backward()
+        cap.stash = False
+        cap.rescale_rows(rows, 1.0 / c)
+        return "reuse"
+
     def capture_probe(self, probe) -> Capture:
         """Forward the fixed probe set at the current weights and capture its risk cotangents."""
         from geffect.objectives import functional as fn
@@ -127,6 +156,16 @@ class Engine:
         eff = [{"step": step, "source": source, "direction": self.cfg.direction, "risk": risk, "group": g,
                 "value": val} for risk, d in summary.items() for g, val in d.items()]
         return eff, inst
+
+
+def proportional(gL: torch.Tensor, gR: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor | None:
+    """Per-row c_i with gL_i = c_i·gR_i (rows flattened), or None if any row is not proportional."""
+    a, b = gL.reshape(len(gL), -1).double(), gR.reshape(len(gR), -1).double()
+    c = (a * b).sum(1) / (b * b).sum(1).clamp_min(1e-300)
+    resid = (a - c[:, None] * b).norm(dim=1)
+    if (c == 0).any() or (resid > rtol * a.norm(dim=1)).any():
+        return None
+    return c
 
 
 @dataclass

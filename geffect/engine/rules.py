@@ -8,7 +8,7 @@ style); every other module falls back to a forward-mode ``torch.func.jvp`` of it
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, jvp
