@@ -144,10 +144,19 @@ def test_padding_changes_no_effect(tiny):
 
 
 def test_fast_rules_agree_with_jvp_fallback():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)
     lin = torch.nn.Linear(5, 4)
     emb = torch.nn.Embedding(7, 3, padding_idx=0)
-    for mod, x, out_shape in ((lin, torch.randn(2, 3, 5), (2, 3, 4)), (emb, torch.randint(0, 7, (2, 6)), (2, 6, 3))):
+    ln = torch.nn.LayerNorm(5)
+    rms = LlamaRMSNorm(5, eps=1e-5)
+    conv = Conv1D(4, 5)
+    for m in (ln, rms):
+        torch.nn.init.normal_(m.weight)
+    for mod, x, out_shape in ((lin, torch.randn(2, 3, 5), (2, 3, 4)), (emb, torch.randint(1, 7, (2, 6)), (2, 6, 3)),  # no padding id: autograd zeroes that row
+                              (ln, torch.randn(2, 3, 5), (2, 3, 5)), (rms, torch.randn(2, 3, 5), (2, 3, 5)),
+                              (conv, torch.randn(2, 3, 5), (2, 3, 4))):
         g = torch.randn(out_shape)
         V = {n: torch.randn_like(p) for n, p in mod.named_parameters()}
         fast = rule_for(mod)(mod, (x,), g, V)

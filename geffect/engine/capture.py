@@ -48,8 +48,14 @@ class Capture:
                 def keep(g, seen=seen):
                     if self.stash:
                         seen.grad = g
-                out.register_hook(keep)
+                # removed on exit: a hook left on the tensor would form a reference cycle
+                # (tensor -> hook -> record -> tensor) that only the cyclic GC frees
+                self._handles.append(out.register_hook(keep))
         return hook
+
+    def release(self) -> None:
+        """Drop every captured tensor (call once the step's values are computed)."""
+        self.seen.clear()
 
     def risk_grads(self, risk: torch.Tensor) -> None:
         """Cotangents of the risk at every captured output, from one backward without weight grads."""

@@ -152,6 +152,8 @@ class Engine:
                                       else float("nan"))}
                     row.update({f"value_{g}": res[split][i, gi].item() for gi, g in enumerate(self.groups)})
                     inst.append(row)
+        for cap, *_ in captured:
+            cap.release()
         summary = self.summarise({k: torch.cat(v) for k, v in per.items()})
         eff = [{"step": step, "source": source, "direction": self.cfg.direction, "risk": risk, "group": g,
                 "value": val} for risk, d in summary.items() for g, val in d.items()]

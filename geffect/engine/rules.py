@@ -98,3 +98,36 @@ def rule_for(mod: torch.nn.Module) -> Rule:
         if t in _RULES:
             return _RULES[t]
     return jvp_rule
+
+
+@register_rule(torch.nn.LayerNorm)
+def layernorm_rule(mod, inputs, g, V) -> torch.Tensor:
+    """y = w ⊙ x̂ + b with x̂ = (x − μ)/σ: ⟨G_i, V⟩ = Σ_t (g_t ⊙ x̂_t)·V_w + Σ_t g_t·V_b."""
+    x = _flat(inputs[0]).float()
+    xhat = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+    g = _flat(g).float()
+    out = torch.zeros(g.shape[0])
+    if "weight" in V:
+        out = out + ((g * xhat) @ V["weight"].float()).sum(1)
+    if "bias" in V:
+        out = out + g.sum(1) @ V["bias"].float()
+    return out
+
+
+def _llama_rmsnorm_type():
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        return LlamaRMSNorm
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_RMS = _llama_rmsnorm_type()
+if _RMS is not None:
+    @register_rule(_RMS)
+    def rmsnorm_rule(mod, inputs, g, V) -> torch.Tensor:
+        """Llama RMSNorm y = w ⊙ x·rsqrt(mean(x²) + ε): ⟨G_i, V⟩ = Σ_t (g_t ⊙ x̂_t)·V_w."""
+        x = _flat(inputs[0]).float()
+        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon)
+        xhat = xhat.to(inputs[0].dtype)
+        return ((_flat(g) * xhat) @ V["weight"]).sum(1).float()
