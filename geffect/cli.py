@@ -37,24 +37,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="geffect", description="G-effect profiler for LLM unlearning.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    u = sub.add_parser("unlearn", help="run an unlearning job and write a run directory",
-                       description="Unlearn the forget set from a model; write config.json, records.csv, "
-                                   "summary.json and the final model into --out.")
-    _add_dataclass_args(u, UnlearnConfig)
-    _add_dataclass_args(u.add_argument_group("objective hyperparameters"), Hyper)
-    u.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
-    u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    u.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-    pr = sub.add_parser("profile", help="unlearn with the G-effect engine on (geffect.csv, instances.csv)",
-                        description="geffect unlearn plus per-step G-effects per layer group and per instance, "
-                                    "from the training step's own forward and backward pass.")
-    _add_dataclass_args(pr, UnlearnConfig)
-    _add_dataclass_args(pr.add_argument_group("objective hyperparameters"), Hyper)
-    _add_dataclass_args(pr.add_argument_group("G-effect engine"), ProfileConfig)
-    pr.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    pr.add_argument("--json", action="store_true", help="print the summary as JSON")
+    verbs = {
+        "unlearn": ("run an unlearning job and write a run directory",
+                    "Unlearn the forget set from a model; write config.json, records.csv, summary.json and "
+                    "the final model into --out."),
+        "profile": ("unlearn with the G-effect engine on (geffect.csv, instances.csv)",
+                    "geffect unlearn plus per-step G-effects per layer group and per instance, from the "
+                    "training step's own forward and backward pass."),
+    }
+    for verb, (short, long) in verbs.items():
+        v = sub.add_parser(verb, help=short, description=long)
+        _add_dataclass_args(v, UnlearnConfig)
+        _add_dataclass_args(v.add_argument_group("objective hyperparameters"), Hyper)
+        if verb == "profile":
+            _add_dataclass_args(v.add_argument_group("G-effect engine"), ProfileConfig)
+        v.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
+        v.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        v.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     m = sub.add_parser("measure", help="one step's G-effects at the given weights (no update)",
                        description="G-effects of one step of --method with the whole forget and retain sets "
