@@ -39,11 +39,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs = {
         "unlearn": ("run an unlearning job and write a run directory",
-                    "Unlearn the forget set from a model; write config.json, records.csv, summary.json and "
-                    "the final model into --out."),
+                    ("Unlearn the forget set from a model; write config.json, records.csv, summary.json and "
+                     "the final model into --out.")),
         "profile": ("unlearn with the G-effect engine on (geffect.csv, instances.csv)",
-                    "geffect unlearn plus per-step G-effects per layer group and per instance, from the "
-                    "training step's own forward and backward pass."),
+                    ("geffect unlearn plus per-step G-effects per layer group and per instance, from the "
+                     "training step's own forward and backward pass.")),
     }
     for verb, (short, long) in verbs.items():
         v = sub.add_parser(verb, help=short, description=long)
