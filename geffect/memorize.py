@@ -32,7 +32,23 @@ def memorize_key(model_name: str, records: list[QARecord], epochs: int, lr: floa
     return h[:16]
 
 
-def memorize(loaded: LoadedModel, records: list[QARecord], epochs: int = 4, lr: float = 3e-4,
+EPOCHS, LR = 4, 3e-4
+
+
+def cached(model_name: str, records: list[QARecord], epochs: int = EPOCHS, lr: float = LR,
+           seed: int = 0) -> LoadedModel | None:
+    """The memorised model and tokenizer from the cache, without loading the base model; or None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cache_root() / "memorized" / memorize_key(model_name, records, epochs, lr, seed)
+    if not (path / "config.json").exists() or not (path / "tokenizer_config.json").exists():
+        return None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), model_name)
+
+
+def memorize(loaded: LoadedModel, records: list[QARecord], epochs: int = EPOCHS, lr: float = LR,
              batch_size: int = 8, max_length: int = 128, seed: int = 0, use_cache: bool = True,
              progress: bool = True) -> LoadedModel:
     """Fine-tune ``loaded`` on ``records`` (cached); returns the tuned model."""
@@ -68,5 +84,6 @@ def memorize(loaded: LoadedModel, records: list[QARecord], epochs: int = 4, lr: 
     if use_cache:
         tmp = path.with_name(path.name + ".partial")
         model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
         tmp.rename(path) if not path.exists() else None
     return LoadedModel(model, tok, loaded.name)

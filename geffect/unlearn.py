@@ -175,11 +175,18 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
     set_seed(cfg.seed)
     method = parse_method(cfg.method, hyper)
     data = load_data(cfg)
+    want_memorize = cfg.memorize == "yes" or (cfg.memorize == "auto" and data.bundled)
+    if want_memorize and loaded is None:
+        from geffect.memorize import cached
+        # a cached memorised model needs no load of the base model (saves ~17 s for the GGUF)
+        hit = cached(cfg.model, data.forget + data.retain, seed=cfg.seed)
+        if hit is not None:
+            loaded, want_memorize = hit, False
     if loaded is None:
         loaded = load_model(cfg.model, seed=cfg.seed)
     tok = loaded.tokenizer
     check_lengths(tok, data.forget + data.retain, cfg.max_length)
-    if cfg.memorize == "yes" or (cfg.memorize == "auto" and data.bundled):
+    if want_memorize:
         from geffect.memorize import memorize
         loaded = memorize(loaded, data.forget + data.retain, max_length=cfg.max_length, seed=cfg.seed,
                           progress=cfg.progress)

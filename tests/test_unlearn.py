@@ -3,6 +3,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from geffect.cli import main
 from geffect.unlearn import UnlearnConfig, unlearn
@@ -105,3 +106,18 @@ def test_memorize_teaches_facts(tmp_path):
     # cached: a second call loads the saved model
     again = memorize(tiny_model("tiny-llama", seed=0), recs, epochs=30, lr=1e-2, batch_size=2, progress=False)
     assert abs(evaluate_nll(again.model, tok, recs) - evaluate_nll(tuned.model, tok, recs)) < 1e-5
+
+
+def test_cached_memorised_model_skips_base_load(small_data, monkeypatch):
+    """With the memorise cache filled, prepare() loads the cached model and never the base model."""
+    import importlib
+    U = importlib.import_module("geffect.unlearn")  # the package exports a function of the same name
+    cfg = UnlearnConfig(method="ga", model="tiny-llama", steps=1, progress=False, save_model=False,
+                        memorize="yes")
+    first = U.prepare(cfg)  # fills the cache
+    calls = []
+    monkeypatch.setattr(U, "load_model", lambda *a, **k: calls.append(a))
+    second = U.prepare(cfg)
+    assert calls == []
+    for (n, p), (_, q) in zip(first["model"].named_parameters(), second["model"].named_parameters()):
+        assert torch.equal(p, q), n

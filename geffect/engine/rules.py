@@ -55,14 +55,8 @@ _CONV1D = _conv1d_type()
 if _CONV1D is not None:
     @register_rule(_CONV1D)
     def conv1d_rule(mod, inputs, g, V) -> torch.Tensor:
-        """GPT-2's Conv1D: y = a W + b with W (in, out)."""
-        a, g = _flat(inputs[0]), _flat(g)
-        out = torch.zeros(g.shape[0], dtype=torch.float32)
-        if "weight" in V:
-            out = out + ((a @ V["weight"]) * g).sum((1, 2))
-        if "bias" in V:
-            out = out + g.sum(1) @ V["bias"]
-        return out
+        """GPT-2's Conv1D: y = a W + b with W (in, out), i.e. a Linear with weight Wᵀ."""
+        return linear_rule(mod, inputs, g, {k: (v.T if k == "weight" else v) for k, v in V.items()})
 
 
 @register_rule(torch.nn.Embedding)
