@@ -83,7 +83,7 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
         profile = _split(ns, ProfileConfig)
     summary = unlearn(cfg, ns.out, hyper, overwrite=ns.overwrite, profile=profile)
     summary_rows = summary.get("geffect", [])
-    for k in ("records", "geffect", "instances"):
+    for k in ("records", "geffect", "instances", "conflicts"):
         summary.pop(k, None)
     if ns.json:
         print(json.dumps(summary, indent=2))
@@ -94,6 +94,9 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
         print(f"  forget NLL  {b['nll_forget']:.3f} -> {a['nll_forget']:.3f}   "
               f"(perturbed answers {b['nll_forget_perturbed']:.3f} -> {a['nll_forget_perturbed']:.3f})")
         print(f"  retain NLL  {b['nll_retain']:.3f} -> {a['nll_retain']:.3f}")
+        if "conflict_fraction" in summary:
+            print(f"  forget and retain gradients conflicted (cosine < 0) in "
+                  f"{100 * summary['conflict_fraction']:.0f}% of steps")
         if profile is not None:
             import pandas as pd
             print(_effect_table(pd.DataFrame(_last_effects(summary_rows))))

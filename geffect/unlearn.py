@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,10 @@ from geffect.data.records import DataError, QARecord, load_records
 from geffect.data.synthetic import default_splits, idk_answers
 from geffect.layers import find_blocks
 from geffect.models import DEFAULT_MODEL, LoadedModel, frozen_reference, load_model
-from geffect.objectives import ForwardOut, Hyper, Method, Parts, parse_method
+from geffect.objectives import ForwardOut, Hyper, Method, MethodError, Parts, parse_method
 from geffect.objectives import functional as fn
 from geffect.rundir import RunDir
+from geffect.surgery import SCOPES, combine, param_groups
 
 
 @dataclass
@@ -50,6 +52,12 @@ class UnlearnConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
     max_length: int = field(default=128, metadata={"help": "maximum tokens per row (prompt + answer)"})
+    pcgrad: bool = field(default=False, metadata={
+        "help": "PCGrad surgery on the forget and retain parts' gradients (same as appending +pcgrad "
+                "to --method)"})
+    pcgrad_scope: str = field(default="global", metadata={
+        "help": "global (all parameters as one vector, the reference), group (per layer group) or "
+                "tensor (per parameter tensor)"})
     seed: int = field(default=0, metadata={"help": "seed for sampling, initialisation and RMU's control"})
     save_model: bool = field(default=True, metadata={"help": "save the final model (safetensors)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -174,6 +182,13 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
     """Load data, model (memorised if asked), reference and method. Returns a dict of parts."""
     set_seed(cfg.seed)
     method = parse_method(cfg.method, hyper)
+    if cfg.pcgrad and not method.pcgrad:
+        if not method.has_retain_part:
+            raise MethodError(f"--pcgrad needs a method with a retain part (e.g. {method.forget}+gd), "
+                              f"got --method {cfg.method!r}")
+        method = replace(method, pcgrad=True)
+    if cfg.pcgrad_scope not in SCOPES:
+        raise MethodError(f"unknown --pcgrad-scope {cfg.pcgrad_scope!r}; choose one of {', '.join(SCOPES)}")
     data = load_data(cfg)
     want_memorize = cfg.memorize == "yes" or (cfg.memorize == "auto" and data.bundled)
     if want_memorize and loaded is None:
@@ -221,6 +236,22 @@ def total_steps(cfg: UnlearnConfig, n_forget: int) -> int:
     return cfg.steps
 
 
+def backward_parts(losses: list[torch.Tensor], part_grads: tuple[dict, ...], params: list) -> None:
+    """The training backward split into the objective's parts (one forward, one backward per part):
+    part k's parameter gradients are accumulated into ``part_grads[k]`` (id(param) -> tensor)."""
+    for k, loss in enumerate(losses):
+        if loss.requires_grad:
+            loss.backward(retain_graph=k < len(losses) - 1)
+        for p in params:
+            if p.grad is not None:
+                acc = part_grads[k]
+                if id(p) in acc:
+                    acc[id(p)].add_(p.grad)
+                else:
+                    acc[id(p)] = p.grad
+                p.grad = None
+
+
 def instance_weights(parts: Parts) -> torch.Tensor | None:
     """Per forget instance: the NPO-family weight, or the mean token weight over answer tokens."""
     if parts.instance_weight is not None:
@@ -260,7 +291,12 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             engine = Engine(model, profile)
             if profile.probe_every > 0:
                 probe = make_probe(tok, data, profile.probe_retain, cfg.max_length, cfg.seed)
-        rows, effect_rows, instance_rows = [], [], []
+        rows, effect_rows, instance_rows, conflict_rows, n_conflict = [], [], [], [], {}
+        split = method.has_retain_part and (method.pcgrad or (engine is not None and profile.conflicts))
+        groups_of = {}
+        if split:
+            from geffect.engine.groups import assign_groups
+            groups_of = param_groups(model, engine.assignment if engine else assign_groups(model))
         model.train()
         bar = tqdm(range(n_steps), desc=f"{'profile' if engine else 'unlearn'} {method.name}",
                    disable=not cfg.progress)
@@ -273,16 +309,23 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             opt.zero_grad(set_to_none=True)
             acc = {"loss": 0.0, "loss_forget": 0.0, "loss_retain": 0.0, "nll_forget": 0.0, "nll_retain": 0.0}
             captured = []
+            part_grads = ({}, {}) if split else None
             for _ in range(cfg.grad_accum):
                 fb, rb = fs.take(cfg.forget_batch), rs.take(cfg.retain_batch)
                 batch = make_batch(tok, method, fb, rb, data, rng, cfg.max_length)
                 with (engine.capture() if engine else nullcontext()) as cap:
                     fo = forward(model, ref, batch, method, st["rmu_layer"])
                     parts = method.parts(fo, st["control"])
+                    loss = parts.total / cfg.grad_accum
+                    backprop = loss.backward
+                    if split:  # the same backward, run once per minimised part: γ·L_f and α·L_r
+                        backprop = partial(backward_parts, [method.gamma * parts.forget / cfg.grad_accum,
+                                                            method.alpha * parts.retain / cfg.grad_accum],
+                                           part_grads, params)
                     if engine:
-                        engine.backward(cap, fo, parts.total / cfg.grad_accum, method.needs_hidden)
+                        engine.backward(cap, fo, loss, method.needs_hidden, backprop)
                     else:
-                        (parts.total / cfg.grad_accum).backward()
+                        backprop()
                 if engine:
                     captured.append((cap, batch.segments, [index[id(r)] for r in fb], [index[id(r)] for r in rb],
                                      instance_weights(parts)))
@@ -292,6 +335,15 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 acc["nll_forget"] += fn.nll_loss(*fo.seg("forget")).item() / cfg.grad_accum
                 acc["nll_retain"] += fn.nll_loss(*fo.seg("retain")).item() / cfg.grad_accum
                 wsum = weight_summary(parts)
+            if split:
+                update, stats = combine(*part_grads, groups_of, cfg.pcgrad_scope, apply=method.pcgrad)
+                for p in params:
+                    p.grad = update.get(id(p))
+                del update, part_grads
+                for r in stats:
+                    n_conflict[r["group"]] = n_conflict.get(r["group"], 0) + r["conflict"]
+                    conflict_rows.append({"step": step, **r, "conflict_fraction": n_conflict[r["group"]] / (step + 1),
+                                          "scope": cfg.pcgrad_scope})
             probe_cap = None
             if probe is not None and step % profile.probe_every == 0:
                 probe_cap = engine.capture_probe(probe)
@@ -327,12 +379,16 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps)}
         if engine:
             summary["groups"] = engine.groups
+        if conflict_rows:
+            summary["conflict_fraction"] = n_conflict.get("global", 0) / max(1, n_steps)
         if run is not None:
             conf = {"run": asdict(cfg), "objective": method.config()}
             if profile is not None:
                 conf["profile"] = asdict(profile)
             run.write_json("config.json", conf)
             pd.DataFrame(rows).to_csv(run.path / "records.csv", index=False)
+            if conflict_rows:
+                pd.DataFrame(conflict_rows).to_csv(run.path / "conflicts.csv", index=False)
             if engine:
                 pd.DataFrame(effect_rows).to_csv(run.path / "geffect.csv", index=False)
                 pd.DataFrame(instance_rows).to_csv(run.path / "instances.csv", index=False)
@@ -344,6 +400,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         summary["records"] = rows
         summary["geffect"] = effect_rows
         summary["instances"] = instance_rows
+        summary["conflicts"] = conflict_rows
         return summary
     except BaseException:
         if run is not None and run.path.exists():

@@ -46,8 +46,8 @@ class Capture:
             seen = self.seen[name] = _Seen(inputs, out)
             if out.requires_grad:
                 def keep(g, seen=seen):
-                    if self.stash:
-                        seen.grad = g
+                    if self.stash:  # a backward split into parts: cotangents add up
+                        seen.grad = g if seen.grad is None else seen.grad + g
                 # removed on exit: a hook left on the tensor would form a reference cycle
                 # (tensor -> hook -> record -> tensor) that only the cyclic GC frees
                 self._handles.append(out.register_hook(keep))

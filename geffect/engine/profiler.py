@@ -36,6 +36,9 @@ class ProfileConfig:
         "help": "every k steps also measure against the risk over a fixed probe set (whole forget set "
                 "and a retain sample); 0 = off"})
     probe_retain: int = field(default=16, metadata={"help": "retain samples in the probe set"})
+    conflicts: bool = field(default=True, metadata={
+        "help": "conflict statistics of the forget and retain parts' gradients every step (conflicts.csv); "
+                "the training backward runs once per part"})
     reuse_backward: bool = field(default=True, metadata={
         "help": "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, SimNPO …), "
                 "derive the risk cotangents from the training backward instead of an extra backward"})
@@ -100,7 +103,8 @@ class Engine:
         R, _, _ = risk_rows(fo)
         cap.risk_grads(R)
 
-    def backward(self, cap: Capture, fo, loss: torch.Tensor, uses_hidden: bool = False) -> str:
+    def backward(self, cap: Capture, fo, loss: torch.Tensor, uses_hidden: bool = False,
+                 backprop=None) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
         ``reuse``: if on every forget/retain row the loss's cotangent at the logits is c_i times the
@@ -108,7 +112,10 @@ class Engine:
         risk's too (backprop is linear and rows do not interact), so the training backward's own
         cotangents divided by c_i are the risk's: no extra backward. ``extra``: one backward of R
         to the module outputs (no weight gradients), then the training backward.
+        ``backprop`` runs the training backward (default ``loss.backward()``); it may split it into
+        the objective's parts (PCGrad, conflict statistics): the stashed cotangents add up.
         """
+        backprop = backprop or loss.backward
         R, f, r = risk_rows(fo)
         rows = torch.cat([torch.arange(f.start, f.stop), torch.arange(r.start, r.stop)])
         c = None
@@ -118,10 +125,10 @@ class Engine:
                 c = proportional(gL[rows], gR[rows])
         if c is None:
             cap.risk_grads(R)
-            loss.backward()
+            backprop()
             return "extra"
         cap.stash = True
-        loss.backward()
+        backprop()
         cap.stash = False
         cap.rescale_rows(rows, 1.0 / c)
         return "reuse"

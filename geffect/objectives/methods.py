@@ -1,7 +1,8 @@
 """Unlearning methods: a forget objective plus an optional retain regulariser.
 
 ``--method`` names a forget objective optionally followed by a retain regulariser:
-``npo+gd``, ``npo+kl``, ``wga+kl``; ``gd`` alone means GradDiff (= ``ga+gd``). The total minimised
+``npo+gd``, ``npo+kl``, ``wga+kl``; ``gd`` alone means GradDiff (= ``ga+gd``); a trailing ``+pcgrad``
+applies PCGrad to the two parts' gradients (``gd+pcgrad``, ``idkdpo+gd+pcgrad``). The total minimised
 objective is γ·L_f + α·L_r (REFERENCE.md §2). Each method reads one forward pass
 (:class:`ForwardOut`) and returns its parts; the arithmetic lives in :mod:`functional`.
 """
@@ -76,12 +77,17 @@ class Method:
     forget: str
     retain: str | None
     hyper: Hyper
+    pcgrad: bool = False   # PCGrad surgery on the forget and retain parts' gradients (``+pcgrad``)
 
     @property
     def name(self) -> str:
-        if self.forget in ("rmu", "llmu") or self.retain is None:
-            return self.forget
-        return f"{self.forget}+{self.retain}"
+        base = self.forget if self.forget in ("rmu", "llmu") or self.retain is None else f"{self.forget}+{self.retain}"
+        return base + ("+pcgrad" if self.pcgrad else "")
+
+    @property
+    def has_retain_part(self) -> bool:
+        """Two tasks (forget and retain parts) for PCGrad and conflict statistics."""
+        return self.retain is not None or self.forget in ("rmu", "llmu")
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -181,6 +187,11 @@ def parse_method(spec: str, hyper: Hyper | None = None) -> Method:
     parts = [p.strip().lower() for p in spec.split("+") if p.strip()]
     if not parts:
         raise MethodError("empty --method")
+    surgery = parts[-1] == "pcgrad"
+    if surgery:
+        parts = parts[:-1]
+    if not parts or "pcgrad" in parts:
+        raise MethodError(f"--method {spec!r}: write pcgrad last, after the objective (e.g. gd+pcgrad)")
     if parts == ["gd"]:
         parts = ["ga", "gd"]
     f, rest = parts[0], parts[1:]
@@ -195,4 +206,7 @@ def parse_method(spec: str, hyper: Hyper | None = None) -> Method:
                           f"choose one of {', '.join(RETAIN_REGULARISERS)}")
     if f in ("rmu", "llmu") and r is not None:
         raise MethodError(f"{f} has its own retain part; write --method {f}")
-    return Method(f, r, hyper)
+    method = Method(f, r, hyper, surgery)
+    if surgery and not method.has_retain_part:
+        raise MethodError(f"--method {spec!r}: PCGrad needs a retain part (e.g. {f}+gd)")
+    return method
