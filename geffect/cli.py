@@ -83,7 +83,7 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
         profile = _split(ns, ProfileConfig)
     summary = unlearn(cfg, ns.out, hyper, overwrite=ns.overwrite, profile=profile)
     summary_rows = summary.get("geffect", [])
-    for k in ("records", "geffect", "instances", "conflicts"):
+    for k in ("records", "geffect", "instances", "conflicts", "pairs", "tokens"):
         summary.pop(k, None)
     if ns.json:
         print(json.dumps(summary, indent=2))

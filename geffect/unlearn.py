@@ -252,6 +252,20 @@ def backward_parts(losses: list[torch.Tensor], part_grads: tuple[dict, ...], par
                 p.grad = None
 
 
+def token_records(step: int, tok, fo: ForwardOut, parts: Parts, forget_index: list[int]) -> list[dict]:
+    """Per answer token of every forget row: its text, NLL and the objective's token weight (if any)."""
+    s = fo.segments["forget"]
+    labels, nll, mask = fo.labels[s, 1:], fo.nll[s].detach(), fo.mask[s]   # (n_f, T-1) each
+    tw = parts.token_weight.detach() if parts.token_weight is not None else None
+    rows = []
+    for i, ds_index in enumerate(forget_index):
+        for pos in mask[i].nonzero().flatten().tolist():
+            rows.append({"step": step, "index": ds_index, "position": pos,
+                         "token": tok.decode([int(labels[i, pos])]), "nll": nll[i, pos].item(),
+                         "weight": tw[i, pos].item() if tw is not None else float("nan")})
+    return rows
+
+
 def instance_weights(parts: Parts) -> torch.Tensor | None:
     """Per forget instance: the NPO-family weight, or the mean token weight over answer tokens."""
     if parts.instance_weight is not None:
@@ -291,7 +305,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             engine = Engine(model, profile)
             if profile.probe_every > 0:
                 probe = make_probe(tok, data, profile.probe_retain, cfg.max_length, cfg.seed)
-        rows, effect_rows, instance_rows, conflict_rows, n_conflict = [], [], [], [], {}
+        rows, effect_rows, instance_rows, conflict_rows, n_conflict, token_rows = [], [], [], [], {}, []
+        pair_rows = []
         split = method.has_retain_part and (method.pcgrad or (engine is not None and profile.conflicts))
         groups_of = {}
         if split:
@@ -322,11 +337,16 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                         backprop = partial(backward_parts, [method.gamma * parts.forget / cfg.grad_accum,
                                                             method.alpha * parts.retain / cfg.grad_accum],
                                            part_grads, params)
+                    if engine and profile.pairs_every > 0 and step % profile.pairs_every == 0:
+                        pairs = engine.instance_pairs(cap, fo, method.gamma * parts.forget / cfg.grad_accum)
+                        pair_rows += engine.pair_records(step, pairs, [index[id(r)] for r in fb],
+                                                         instance_weights(parts))
                     if engine:
                         engine.backward(cap, fo, loss, method.needs_hidden, backprop)
                     else:
                         backprop()
                 if engine:
+                    token_rows += token_records(step, tok, fo, parts, [index[id(r)] for r in fb])
                     captured.append((cap, batch.segments, [index[id(r)] for r in fb], [index[id(r)] for r in rb],
                                      instance_weights(parts)))
                 acc["loss"] += parts.total.item() / cfg.grad_accum
@@ -392,6 +412,9 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             if engine:
                 pd.DataFrame(effect_rows).to_csv(run.path / "geffect.csv", index=False)
                 pd.DataFrame(instance_rows).to_csv(run.path / "instances.csv", index=False)
+                pd.DataFrame(token_rows).to_csv(run.path / "tokens.csv", index=False)
+                if pair_rows:
+                    pd.DataFrame(pair_rows).to_csv(run.path / "pairs.csv", index=False)
             run.write_json("summary.json", summary)
             if cfg.save_model:
                 model.save_pretrained(run.path / "model", safe_serialization=True)
@@ -401,6 +424,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         summary["geffect"] = effect_rows
         summary["instances"] = instance_rows
         summary["conflicts"] = conflict_rows
+        summary["pairs"] = pair_rows
+        summary["tokens"] = token_rows
         return summary
     except BaseException:
         if run is not None and run.path.exists():

@@ -237,3 +237,38 @@ def test_measure_api_json_schema():
     assert {"split", "index", "value", "weight"} <= set(res["per_instance"][0])
     fv = [r["value"] for r in res["per_instance"] if r["split"] == "forget"]
     assert abs(sum(fv) / len(fv) - res["unlearn"]["total"]) <= 1e-5 * max(1, abs(res["unlearn"]["total"]))
+
+
+@pytest.mark.parametrize("spec", ["ga", "npo+gd", "simnpo", "wga", "tnpo+kl"])
+def test_instance_pairs_match_one_instance_at_a_time(tiny, spec):
+    """Fig. 5b pairs: (∇R_uᵀ∇L(s_i), ∇R_rᵀ∇L(s_i)) against a forward of s_i alone, per group."""
+    from geffect.data.batching import qa
+    from geffect.surgery import param_groups
+    data = _data()
+    method = parse_method(spec)
+    model, tok = tiny.model, tiny.tokenizer
+    ref = frozen_reference(model)
+    batch = collate(tok, {"forget": qa(data.forget), "retain": qa(data.retain)}, 128)
+    eng = Engine(model)
+    with eng.capture() as cap:
+        fo = forward(model, ref, batch, method)
+        pairs = eng.instance_pairs(cap, fo, method.gamma * method.parts(fo).forget)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, eng.assignment)
+    fo = forward(model, ref, batch, method)
+    risk_grads = {}
+    for risk, seg in (("unlearn", "forget"), ("retain", "retain")):
+        risk_grads[risk] = torch.autograd.grad(fn.nll_loss(*fo.seg(seg)), params, retain_graph=True)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    for i, rec in enumerate(data.forget):
+        one = collate(tok, {"forget": qa([rec]), "retain": qa(data.retain)}, 128)
+        g_i = torch.autograd.grad(method.gamma * method.parts(forward(model, ref, one, method)).forget, params)
+        for risk in ("unlearn", "retain"):
+            dots = [(groups[id(p)], torch.dot(a.flatten().double(), b.flatten().double()).item())
+                    for p, a, b in zip(params, risk_grads[risk], g_i)]
+            total = sum(d for _, d in dots)
+            assert pairs[risk][i].sum().item() == pytest.approx(total, rel=2e-3, abs=1e-6)
+            if not tied:  # tied: the engine splits the shared tensor by use, the brute force cannot
+                for gi, g in enumerate(eng.groups):
+                    want = sum(d for grp, d in dots if grp == g)
+                    assert pairs[risk][i, gi].item() == pytest.approx(want, rel=2e-3, abs=1e-6)

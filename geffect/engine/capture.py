@@ -73,23 +73,34 @@ class Capture:
                 g[rows] = s.grad[rows] * scale.view(-1, *([1] * (s.grad.dim() - 1))).to(g.dtype)
                 s.grad = g
 
-    def inner_products(self, V: dict[int, torch.Tensor], rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    def output_grads(self, scalar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cotangents of ``scalar`` at every captured output (graph kept; nothing stored)."""
+        names = [n for n, s in self.seen.items() if s.output.requires_grad]
+        grads = torch.autograd.grad(scalar, [self.seen[n].output for n in names], retain_graph=True,
+                                    allow_unused=True)
+        return {n: g for n, g in zip(names, grads) if g is not None}
+
+    def inner_products(self, V: dict[int, torch.Tensor], rows: torch.Tensor | slice,
+                       cotangents: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩. -> {group: (n_rows,)}.
 
         ``V`` maps id(parameter) to the direction (∇L or the update) for that parameter.
+        ``cotangents`` (module name -> tensor) replaces the captured risk cotangents, e.g. by the
+        objective's own, giving per-row ⟨∇L_i, V⟩ instead.
         """
         out: dict[str, torch.Tensor] = {}
         for name, s in self.seen.items():
             mod = self.modules[name]
             local = {pn: V[id(p)] for pn, p in mod._parameters.items()
                      if p is not None and p.requires_grad and id(p) in V}
-            if not local or s.grad is None:
+            grad = s.grad if cotangents is None else cotangents.get(name)
+            if not local or grad is None:
                 continue
-            n_rows = s.grad.shape[0]
+            n_rows = grad.shape[0]
             inputs = tuple(x[rows] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_rows else x
                            for x in s.inputs)
             with torch.no_grad():
-                vals = rule_for(mod)(mod, inputs, s.grad[rows].detach(), local).float()
+                vals = rule_for(mod)(mod, inputs, grad[rows].detach(), local).float()
             g = self.assignment[name]
             out[g] = out[g] + vals if g in out else vals
         return out

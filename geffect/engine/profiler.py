@@ -39,6 +39,10 @@ class ProfileConfig:
     conflicts: bool = field(default=True, metadata={
         "help": "conflict statistics of the forget and retain parts' gradients every step (conflicts.csv); "
                 "the training backward runs once per part"})
+    pairs_every: int = field(default=5, metadata={
+        "help": "every k steps, for each forget instance, the G-effect of its own objective term on the "
+                "forget and on the retain risk (the paper's Fig. 5b; pairs.csv); costs two backward passes; "
+                "0 = off"})
     reuse_backward: bool = field(default=True, metadata={
         "help": "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, SimNPO …), "
                 "derive the risk cotangents from the training backward instead of an extra backward"})
@@ -132,6 +136,37 @@ class Engine:
         cap.stash = False
         cap.rescale_rows(rows, 1.0 / c)
         return "reuse"
+
+    def instance_pairs(self, cap: Capture, fo, forget_part: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Objective-side PG-effects of each forget instance s_i (Wang et al. Fig. 5b):
+        (∇R_uᵀ∇L(s_i), ∇R_rᵀ∇L(s_i)) with L(s_i) the forget part's term for s_i, scaled by n_f so
+        that their mean is the forget part's G-effect. Call before the training backward.
+
+        Returns {"unlearn": (n_f, G), "retain": (n_f, G)} in ``self.groups`` order.
+        """
+        _, f, r = risk_rows(fo)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cot = cap.output_grads(forget_part)                     # ∇(γ·L_f) at module outputs, per row
+        n_f = f.stop - f.start
+        out = {}
+        for risk, rows in (("unlearn", f), ("retain", r)):
+            R = fn.mean_nll(fo.nll[rows], fo.mask[rows]).mean()
+            g = torch.autograd.grad(R, params, retain_graph=True, allow_unused=True)
+            V = {id(p): gi for p, gi in zip(params, g) if gi is not None}
+            vals = cap.inner_products(V, f, cotangents=cot)
+            out[risk] = n_f * torch.stack([vals.get(gr, torch.zeros(n_f)) for gr in self.groups], dim=1)
+        return out
+
+    def pair_records(self, step: int, pairs: dict, forget_index: list, weights) -> list[dict]:
+        rows = []
+        for i, ds_index in enumerate(forget_index):
+            row = {"step": step, "index": ds_index,
+                   "weight": weights[i].item() if weights is not None else float("nan"),
+                   "unlearn": pairs["unlearn"][i].sum().item(), "retain": pairs["retain"][i].sum().item()}
+            for risk in ("unlearn", "retain"):
+                row.update({f"{risk}_{g}": pairs[risk][i, gi].item() for gi, g in enumerate(self.groups)})
+            rows.append(row)
+        return rows
 
     def capture_probe(self, probe) -> Capture:
         """Forward the fixed probe set at the current weights and capture its risk cotangents."""
