@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         unlearn(cfg, str(out), profile=ProfileConfig(), overwrite=True)
         print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    from geffect.plots.cli import plot_runs
+    from geffect.plots import plot_comparison, plot_run
     done = [d for d in dirs if (d / "summary.json").exists()]
     for d in done:
-        plot_runs([d], out=d / "figures")
+        plot_run(d)
     compare = runs / "comparison"
-    plot_runs(done, out=compare)
+    plot_comparison(done, compare)
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
     for png in compare.glob("*.png"):

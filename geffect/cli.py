@@ -51,9 +51,23 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_dataclass_args(v.add_argument_group("objective hyperparameters"), Hyper)
         if verb == "profile":
             _add_dataclass_args(v.add_argument_group("G-effect engine"), ProfileConfig)
+        if verb == "profile":
+            v.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                           help="draw the figures (RUN/figures) and RUN/report.html when done (default: on)")
         v.add_argument("--out", default=None, help="run directory to create (must not exist or be empty)")
         v.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
         v.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    pl = sub.add_parser("plot", help="draw figures and report.html from run directories (records only)",
+                        description="Read the records of one or more run directories (never a model) and write "
+                                    "PNG figures into each run's figures/ and its report.html; with several runs, "
+                                    "also the comparison figures (one colour per method) into --out.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by geffect profile")
+    pl.add_argument("--out", default=None,
+                    help="folder for the figures (one run) or the comparison figures (several runs; default: "
+                         "comparison/ beside the first run)")
+    pl.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                    help="also write report.html into each run directory (default: on)")
 
     m = sub.add_parser("measure", help="one step's G-effects at the given weights (no update)",
                        description="G-effects of one step of --method with the whole forget and retain sets "
@@ -82,6 +96,9 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
         from geffect.engine.profiler import ProfileConfig
         profile = _split(ns, ProfileConfig)
     summary = unlearn(cfg, ns.out, hyper, overwrite=ns.overwrite, profile=profile)
+    if profile is not None and ns.report and "run_dir" in summary:
+        from geffect.plots import plot_run, write_report
+        summary["report"] = str(write_report(summary["run_dir"], plot_run(summary["run_dir"])))
     summary_rows = summary.get("geffect", [])
     for k in ("records", "geffect", "instances", "conflicts", "pairs", "tokens"):
         summary.pop(k, None)
@@ -102,6 +119,8 @@ def cmd_unlearn(ns: argparse.Namespace) -> int:
             print(_effect_table(pd.DataFrame(_last_effects(summary_rows))))
         if "run_dir" in summary:
             print(f"  run directory: {summary['run_dir']}")
+        if "report" in summary:
+            print(f"  report: {summary['report']}")
     return 0
 
 
@@ -119,6 +138,23 @@ def _effect_table(df) -> str:
     for g, row in cum.iterrows():
         lines.append(f"    {g:<8} {row.get('unlearn', float('nan')):>12.4g} {row.get('retain', float('nan')):>12.4g}")
     return "\n".join(lines)
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geffect.plots import plot_comparison, plot_run, write_report
+    for i, d in enumerate(ns.runs, 1):
+        out = ns.out if ns.out and len(ns.runs) == 1 else None
+        figs = plot_run(d, out)
+        print(f"[{i}/{len(ns.runs)}] {d}: {len(figs)} figures in {figs[0].parent if figs else '-'}")
+        if ns.report:
+            print(f"    report: {write_report(d, figs)}")
+    if len(ns.runs) > 1:
+        out = ns.out or Path(ns.runs[0]).resolve().parent / "comparison"
+        figs = plot_comparison(ns.runs, out)
+        print(f"comparison: {len(figs)} figures in {out}")
+    return 0
 
 
 def cmd_measure(ns: argparse.Namespace) -> int:
@@ -146,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     from geffect.data.records import DataError
     from geffect.models import ModelLoadError
     from geffect.objectives.methods import MethodError
+    from geffect.plots.records import RecordsError
     from geffect.rundir import RunDirError
+    verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot}
     try:
-        return {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure}[ns.verb](ns)
-    except (DataError, MethodError, ModelLoadError, RunDirError) as err:
+        return verbs[ns.verb](ns)
+    except (DataError, MethodError, ModelLoadError, RunDirError, RecordsError) as err:
         print(f"geffect: error: {err}", file=sys.stderr)
         return 2
 
