@@ -69,6 +69,26 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                     help="also write report.html into each run directory (default: on)")
 
+    from geffect.diagnose import DiagnoseConfig
+    d = sub.add_parser("diagnose", help="compare objectives on your data from a few profiled steps each",
+                       description="Run each candidate objective for --steps profiled steps from the same weights "
+                                   "(restored exactly between candidates), measure its G-effects along its own "
+                                   "optimizer update (a scale-free basis), rank the candidates by Pareto front over "
+                                   "removal and retention, and write diagnosis.json, diagnosis.csv and "
+                                   "diagnosis.png into --out.")
+    for name in ("model", "forget", "retain", "memorize", "max_length", "seed"):
+        f = {f.name: f for f in dataclasses.fields(UnlearnConfig)}[name]
+        d.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default) if f.default is not None
+                       else str, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    d.add_argument("--methods", nargs="+", default=None,
+                   help=DiagnoseConfig.__dataclass_fields__["methods"].metadata["help"])
+    _add_dataclass_args(d, DiagnoseConfig, skip=("methods",))
+    d.add_argument("--out", default=None, help="directory to create for the diagnosis (must not exist or be empty)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    d.add_argument("--json", action="store_true", help="print diagnosis.json's content")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress per candidate (default: on)")
+
     m = sub.add_parser("measure", help="one step's G-effects at the given weights (no update)",
                        description="G-effects of one step of --method with the whole forget and retain sets "
                                    "as one batch each; the model is not updated.")
@@ -157,6 +177,29 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(ns: argparse.Namespace) -> int:
+    from geffect.diagnose import DiagnoseConfig, diagnose
+    from geffect.unlearn import UnlearnConfig
+    base = UnlearnConfig(**{k: getattr(ns, k) for k in ("model", "forget", "retain", "memorize", "max_length",
+                                                        "seed")})
+    res = diagnose(base, _split(ns, DiagnoseConfig), ns.out, overwrite=ns.overwrite, progress=ns.progress)
+    if ns.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"basis: {res['basis']}")
+    print(f"  {'rank':>4} {'method':<22} {'front':>5} {'ΔR_u pred':>10} {'ΔR_r pred':>10} {'ΔNLL_f':>8} "
+          f"{'ΔNLL_r':>8} {'conflict':>8}")
+    for r in res["candidates"]:
+        conf = f"{100 * r['conflict_fraction']:.0f}%" if r["conflict_fraction"] is not None else "-"
+        print(f"  {r['rank']:>4} {r['method']:<22} {r['front']:>5} {r['predicted_forget_risk_change']:>+10.3g} "
+              f"{r['predicted_retain_risk_change']:>+10.3g} {r['nll_forget_change']:>+8.3g} "
+              f"{r['nll_retain_change']:>+8.3g} {conf:>8}")
+    print(res["recommendation"])
+    print(f"{len(res['candidates'])} candidates in {res['seconds']:.0f} s"
+          + (f"; written to {res['out']}" if "out" in res else ""))
+    return 0
+
+
 def cmd_measure(ns: argparse.Namespace) -> int:
     from geffect.engine.measure import measure
     from geffect.engine.profiler import ProfileConfig
@@ -184,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     from geffect.objectives.methods import MethodError
     from geffect.plots.records import RecordsError
     from geffect.rundir import RunDirError
-    verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot}
+    verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot,
+             "diagnose": cmd_diagnose}
     try:
         return verbs[ns.verb](ns)
     except (DataError, MethodError, ModelLoadError, RunDirError, RecordsError) as err:

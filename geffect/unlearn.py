@@ -165,6 +165,12 @@ def weight_summary(parts: Parts) -> dict:
             "weight_min": w.min().item(), "weight_max": w.max().item()}
 
 
+def default_evaluation(model, tok, data: Data, max_length: int) -> dict:
+    return {"nll_forget": evaluate_nll(model, tok, data.forget, max_length),
+            "nll_retain": evaluate_nll(model, tok, data.retain, max_length),
+            "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, max_length)}
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -277,12 +283,13 @@ def instance_weights(parts: Parts) -> torch.Tensor | None:
 
 
 def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = None,
-            overwrite: bool = False, loaded: LoadedModel | None = None, profile=None) -> dict:
+            overwrite: bool = False, loaded: LoadedModel | None = None, profile=None, evaluate=None) -> dict:
     """Run unlearning; write the run directory ``out`` (if given). Returns a summary dict.
 
     ``profile`` (a :class:`geffect.engine.ProfileConfig`) turns on the G-effect engine: the same
     forward and backward that train the model yield per-group and per-instance G-effects, written
-    to ``geffect.csv`` and ``instances.csv``.
+    to ``geffect.csv`` and ``instances.csv``. ``evaluate(model) -> dict`` replaces the before/after
+    evaluation (default: NLL of the forget set, the retain set and the perturbed forget answers).
     """
     from contextlib import nullcontext
 
@@ -290,9 +297,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
     try:
         st = prepare(cfg, hyper, loaded)
         method, data, model, tok, ref = st["method"], st["data"], st["model"], st["tok"], st["ref"]
-        before = {"nll_forget": evaluate_nll(model, tok, data.forget, cfg.max_length),
-                  "nll_retain": evaluate_nll(model, tok, data.retain, cfg.max_length),
-                  "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
+        evaluate = evaluate or (lambda m: default_evaluation(m, tok, data, cfg.max_length))
+        before = evaluate(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg, params)
         index = {id(r): i for i, r in enumerate(data.forget)} | {id(r): i for i, r in enumerate(data.retain)}
@@ -392,9 +398,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                             nll_r=f"{acc['nll_retain']:.2f}")
         model.eval()
         elapsed = time.perf_counter() - t_start
-        after = {"nll_forget": evaluate_nll(model, tok, data.forget, cfg.max_length),
-                 "nll_retain": evaluate_nll(model, tok, data.retain, cfg.max_length),
-                 "nll_forget_perturbed": perturbed_nll(model, tok, data.forget, cfg.max_length)}
+        after = evaluate(model)
         summary = {"method": method.name, "steps": n_steps, "before": before, "after": after,
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps)}
         if engine:

@@ -398,6 +398,52 @@ def compare_conflicts(runs: list[RunRecords]):
     return fig
 
 
+def diagnosis_plane(records: list[dict], basis: str = ""):
+    """Candidates on the (e_u, e_r) plane (cumulative, along each one's update), target region
+    e_u < 0, e_r ≥ 0 shaded, the Pareto front drawn."""
+    fig, ax = plt.subplots(figsize=(10, 7))
+    x = np.array([r["e_u"] for r in records], dtype=float)
+    y = np.array([r["e_r"] for r in records], dtype=float)
+    fronts = np.array([r.get("front", 1) for r in records])
+    cmap = plt.cm.viridis_r
+    fmax = max(int(fronts.max()), 1) if len(fronts) else 1
+    for r, xi, yi, f in zip(records, x, y, fronts):
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            continue
+        ax.scatter(xi, yi, s=60 if r.get("pareto") else 30, color=cmap((f - 1) / max(fmax - 1, 1)),
+                   edgecolor="black", linewidth=0.8 if r.get("pareto") else 0.3, zorder=3)
+        ax.annotate(f"{r.get('rank', '')}. {r['method']}", (xi, yi), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points", zorder=4)
+    front = sorted([(xi, yi) for r, xi, yi in zip(records, x, y) if r.get("pareto") and np.isfinite(xi)
+                    and np.isfinite(yi)])
+    if front:
+        fx, fy = zip(*front)
+        ax.plot(fx, fy, color="#d62728", lw=1.5, ls="--", zorder=2, label="Pareto front (removal vs retention)")
+    ok = np.isfinite(x) & np.isfinite(y)
+    for setter, vals in ((ax.set_xscale, x[ok]), (ax.set_yscale, y[ok])):
+        v = np.abs(vals[vals != 0])
+        if v.size:
+            setter("symlog", linthresh=float(np.percentile(v, 10)), linscale=0.6)
+    xlo, xhi = ax.get_xlim()
+    ylo, yhi = ax.get_ylim()
+    ax.fill_between([min(xlo, 0), 0], 0, max(yhi, 0), color=TARGET_COLOR, alpha=0.1,
+                    label="target: e_u < 0 (removes), e_r ≥ 0 (retains)", zorder=0)
+    ax.set_xlim(xlo, xhi)
+    ax.set_ylim(ylo, yhi)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.scatter([], [], color=cmap(0.0), edgecolor="black", label="front 1 (larger marker); lighter = later fronts")
+    ax.set_xlabel("cumulative unlearning G-effect e_u along the update (symlog; < 0 removes)")
+    ax.set_ylabel("cumulative retaining G-effect e_r along the update (symlog; ≥ 0 retains)")
+    ax.set_title("Diagnosis: candidates on the (e_u, e_r) plane; numbers are ranks")
+    if basis:
+        fig.text(0.01, 0.005, "Basis: " + basis, fontsize=7, wrap=True, color="0.3")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 RUN_FIGURES = {"geffect_per_step": geffect_per_step, "geffect_cumulative": geffect_cumulative,
                "nll": nll_curves, "weights": weights, "pg_effect_density": pg_effect_density,
                "conflicts": conflicts, "tokens": token_view}

@@ -1,0 +1,305 @@
+"""Diagnose: compare unlearning objectives on the user's data from a few profiled steps each.
+
+Every candidate starts from the same weights (restored exactly and verified before each one),
+sees the same batches, and runs K profiled steps at its own learning rate.
+
+Scale-free basis: the G-effect along each candidate's actual optimizer update (direction
+``update``, V = −Δθ/η). Then −η·e is the first-order change of the risk per step, in nats, whatever
+the objective's loss scale (an RMU loss and an NPO loss are not in the same units, but the risk
+changes they cause are). Summed over the K steps:
+
+    predicted ΔR_u = −Σ_t η_t·e_u(t)   (removal: want > 0)
+    predicted ΔR_r = −Σ_t η_t·e_r(t)   (retention damage: want ≤ 0)
+
+Each is checked against the measured NLL change on the forget set and a retain sample.
+
+Ranking, no hand-tuned score: non-dominated sorting over (removal = ΔR_u, retention = −ΔR_r),
+both to be maximised; front 1 is the Pareto front. Tie-break within a front: candidates that
+remove at all (ΔR_u > 0) before those that do not, then larger retention (least retention
+damage), then larger removal, then the name. Fronts come first, so a dominated candidate is
+never ranked above one that dominates it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from geffect.objectives.methods import FORGET_OBJECTIVES
+
+OWN_RETAIN = ("rmu", "llmu")
+
+
+def default_candidates() -> list[str]:
+    """Every forget objective alone and with GD or KL, plus +pcgrad where a retain part exists."""
+    out = []
+    for f in FORGET_OBJECTIVES:
+        if f in OWN_RETAIN:
+            out += [f, f"{f}+pcgrad"]
+            continue
+        out.append(f)
+        for r in ("gd", "kl"):
+            out += [f"{f}+{r}", f"{f}+{r}+pcgrad"]
+    return out
+
+
+@dataclass
+class DiagnoseConfig:
+    methods: list[str] | None = field(default=None, metadata={
+        "help": "candidate methods (default: every forget objective alone, +gd, +kl, and +pcgrad variants)"})
+    steps: int = field(default=2, metadata={"help": "profiled optimizer steps per candidate (K)"})
+    lr: float = field(default=2e-5, metadata={"help": "learning rate of every candidate (no warm-up)"})
+    forget_batch: int = field(default=4, metadata={"help": "forget samples per step"})
+    retain_batch: int = field(default=4, metadata={"help": "retain samples per step"})
+    eval_retain: int = field(default=16, metadata={"help": "retain samples in the NLL check (plus the whole forget set)"})
+
+
+# ---- ranking (pure functions on numbers) ------------------------------------------------------
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """a dominates b: at least as good on both objectives (maximised) and better on one."""
+    return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+
+def pareto_ranks(points: dict[str, tuple[float, float]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Non-dominated sorting of (removal, retention). Returns (front per name, rank per name):
+    front 1 is the Pareto front; ranks order fronts, then the tie-break (retention, removal, name)."""
+    left = {k: v for k, v in points.items() if all(math.isfinite(x) for x in v)}   # NaN points go last
+    front_of, front = {}, 1
+    while left:
+        nd = [k for k, v in left.items() if not any(dominates(w, v) for j, w in left.items() if j != k)]
+        for k in nd:
+            front_of[k] = front
+            del left[k]
+        front += 1
+    for k in points:
+        front_of.setdefault(k, front)
+    order = sorted(points, key=lambda k: (front_of[k], not points[k][0] > 0, -_nan_low(points[k][1]),
+                                          -_nan_low(points[k][0]), k))
+    return front_of, {k: i + 1 for i, k in enumerate(order)}
+
+
+def _nan_low(x: float) -> float:
+    return x if math.isfinite(x) else float("-inf")
+
+
+def recommend(records: list[dict]) -> str:
+    """A recommendation in words, derived only from the numbers in ``records``."""
+    if not records:
+        return "No candidates."
+    ranked = sorted(records, key=lambda r: r["rank"])
+    best = ranked[0]
+    if not best["removal"] > 0:
+        return (f"No candidate raises the forget risk in {best['steps']} steps at this learning rate "
+                f"(best on the front: {best['method']}); raise --steps or --lr.")
+    lines = [(f"Recommended: {best['method']} — on the Pareto front, the removing candidate with the least "
+              "retention damage "
+              f"(predicted forget-risk rise {best['removal']:+.3g} nats, retain-risk change "
+              f"{-best['retention']:+.3g} nats over {best['steps']} steps; measured forget NLL "
+              f"{best['nll_forget_change']:+.3g}, retain NLL {best['nll_retain_change']:+.3g}).")]
+    front = [r["method"] for r in ranked if r["pareto"]]
+    if len(front) > 1:
+        lines.append(f"Pareto front ({len(front)}): {', '.join(front)}; moving along it trades retention for "
+                     "removal.")
+    for r in ranked[1:]:
+        why = reasons(r, records)
+        if why:
+            lines.append(f"- {r['method']} (rank {r['rank']}): {'; '.join(why)}.")
+    return "\n".join(lines)
+
+
+def reasons(r: dict, records: list[dict]) -> list[str]:
+    why = []
+    if not r["pareto"]:
+        dom = [o["method"] for o in records if o is not r and dominates((o["removal"], o["retention"]),
+                                                                        (r["removal"], r["retention"]))]
+        if dom:
+            why.append(f"dominated by {', '.join(dom[:3])}{' …' if len(dom) > 3 else ''}")
+    if not r["removal"] > 0:
+        why.append("does not raise the forget risk (e_u ≥ 0)")
+    share = r.get("share_unlearn", {})
+    if share.get("lm", 0) > 0.5:
+        why.append(f"removal dominated by the lm head ({100 * share['lm']:.0f}% of e_u)")
+    neg = {g: v for g, v in r.get("e_r_groups", {}).items() if v < 0}
+    if r["retention"] < 0 and neg:
+        worst = min(neg, key=neg.get)
+        why.append(f"retaining G-effect most negative in the {worst} layers")
+    if r.get("conflict_fraction") is not None and r["conflict_fraction"] > 0.5:
+        why.append(f"forget and retain parts conflict in {100 * r['conflict_fraction']:.0f}% of steps")
+    return why
+
+
+# ---- running the candidates -------------------------------------------------------------------
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def restore(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Copy the snapshot back, re-enable every gradient, and verify bit-for-bit equality."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(snapshot[k])
+    model.requires_grad_(True)
+    bad = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
+    if bad:
+        raise RuntimeError(f"weights not restored exactly: {bad[:3]}")
+
+
+def _candidate_record(method: str, summary: dict, steps: int, lr_of) -> dict:
+    rows = [r for r in summary["geffect"] if r["source"] == "batch"]
+    groups = summary.get("groups", [])
+    cum = {(r["risk"], r["group"]): 0.0 for r in rows}
+    pred = {"unlearn": 0.0, "retain": 0.0}
+    final = {}
+    last = max((r["step"] for r in rows), default=0)
+    for r in rows:
+        cum[(r["risk"], r["group"])] += r["value"]
+        if r["group"] == "total":
+            pred[r["risk"]] += -lr_of(r["step"]) * r["value"]     # ΔR ≈ −η·e along the update
+        if r["step"] == last:
+            final[(r["risk"], r["group"])] = r["value"]
+    e_u, e_r = cum.get(("unlearn", "total"), float("nan")), cum.get(("retain", "total"), float("nan"))
+    rec = {"method": method, "steps": steps,
+           "e_u": e_u, "e_r": e_r,
+           "e_u_final": final.get(("unlearn", "total"), float("nan")),
+           "e_r_final": final.get(("retain", "total"), float("nan")),
+           "e_u_groups": {g: cum.get(("unlearn", g), 0.0) for g in groups},
+           "e_r_groups": {g: cum.get(("retain", g), 0.0) for g in groups},
+           "removal": pred["unlearn"], "retention": -pred["retain"],
+           "predicted_forget_risk_change": pred["unlearn"], "predicted_retain_risk_change": pred["retain"]}
+    rec["share_unlearn"] = {g: (v / e_u if e_u else float("nan")) for g, v in rec["e_u_groups"].items()}
+    b, a = summary["before"], summary["after"]
+    rec["nll_forget_change"] = a["nll_forget"] - b["nll_forget"]
+    rec["nll_retain_change"] = a["nll_retain"] - b["nll_retain"]
+    conf = [r for r in summary.get("conflicts", []) if r["group"] == "global"]
+    rec["conflict_fraction"] = sum(r["conflict"] for r in conf) / len(conf) if conf else None
+    rec["conflict_cosine"] = sum(r["cosine"] for r in conf) / len(conf) if conf else None
+    ws = [(r.get("weight_mean"), r.get("weight_std")) for r in summary["records"]]
+    cv = [s / m for m, s in ws if m is not None and s is not None and math.isfinite(m) and math.isfinite(s) and m]
+    rec["weight_cv"] = sum(cv) / len(cv) if cv else None   # weight concentration: std/mean
+    rec["seconds_per_step"] = summary["seconds_per_step"]
+    return rec
+
+
+def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool = False,
+             progress: bool = True, loaded=None) -> dict:
+    """Run every candidate for ``dcfg.steps`` profiled steps from the same weights; rank them.
+
+    ``base`` is an :class:`UnlearnConfig` giving the model, data, memorisation, max length and seed.
+    Returns {"basis", "candidates": [record…], "recommendation"}; writes diagnosis.json,
+    diagnosis.csv, geffect.csv, conflicts.csv and diagnosis.png into ``out``.
+    """
+    import random
+    from dataclasses import replace
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from geffect.engine.profiler import ProfileConfig
+    from geffect.objectives import parse_method
+    from geffect.rundir import RunDir
+    from geffect.unlearn import evaluate_nll, prepare, unlearn
+
+    methods = dcfg.methods or default_candidates()
+    for m in methods:
+        parse_method(m)     # fail before any work on a bad name
+    run = RunDir(out, overwrite) if out else None
+    try:
+        t0 = time.perf_counter()
+        st = prepare(replace(base, method="ga"), None, loaded)
+        model, tok, data = st["model"], st["tok"], st["data"]
+        loaded = st["loaded"]
+        rng = random.Random(base.seed + 7)
+        retain_sample = rng.sample(data.retain, min(dcfg.eval_retain, len(data.retain)))
+
+        def evaluate(m):
+            return {"nll_forget": evaluate_nll(m, tok, data.forget, base.max_length),
+                    "nll_retain": evaluate_nll(m, tok, retain_sample, base.max_length)}
+
+        model.eval()
+        before = evaluate(model)
+        snap = _snapshot(model)
+        records, effect_rows, conflict_rows = [], [], []
+        cfg = replace(base, steps=dcfg.steps, lr=dcfg.lr, warmup_steps=0, forget_batch=dcfg.forget_batch,
+                      retain_batch=dcfg.retain_batch, grad_accum=1, epochs=None, memorize="no",
+                      save_model=False, progress=False, pcgrad=False)
+        prof = ProfileConfig(direction="update", pairs_every=0, conflicts=True)
+        bar = tqdm(methods, desc="diagnose", disable=not progress)
+        for method in bar:
+            bar.set_description(f"diagnose {method}")
+            restore(model, snap)
+            tc = time.perf_counter()
+            calls = []
+
+            def evaluate_once(m, calls=calls):
+                calls.append(1)  # first call: the restored (verified) weights, whose NLL is ``before``
+                return before if len(calls) == 1 else evaluate(m)
+
+            summary = unlearn(replace(cfg, method=method), loaded=loaded, profile=prof, evaluate=evaluate_once)
+            rec = _candidate_record(method, summary, dcfg.steps, lambda step: dcfg.lr)
+            rec["restored_exactly"] = True
+            rec["seconds"] = time.perf_counter() - tc
+            records.append(rec)
+            effect_rows += [{"method": method, **r} for r in summary["geffect"] if r["source"] == "batch"]
+            conflict_rows += [{"method": method, **r} for r in summary["conflicts"]]
+            if progress:
+                tqdm.write(f"  {method:<22} predicted ΔR_u {rec['removal']:+.3g}  ΔR_r "
+                           f"{rec['predicted_retain_risk_change']:+.3g}   measured ΔNLL forget "
+                           f"{rec['nll_forget_change']:+.3g} retain {rec['nll_retain_change']:+.3g}  "
+                           f"({rec['seconds']:.0f} s)")
+        restore(model, snap)
+        fronts, ranks = pareto_ranks({r["method"]: (r["removal"], r["retention"]) for r in records})
+        for r in records:
+            r["front"], r["rank"], r["pareto"] = fronts[r["method"]], ranks[r["method"]], fronts[r["method"]] == 1
+        records.sort(key=lambda r: r["rank"])
+        result = {"basis": BASIS.format(lr=dcfg.lr, steps=dcfg.steps), "model": base.model, "before": before,
+                  "config": {"run": asdict(cfg), "diagnose": asdict(dcfg) | {"methods": methods}},
+                  "candidates": records, "recommendation": recommend(records), "agreement": agreement(records),
+                  "seconds": time.perf_counter() - t0}
+        if run is not None:
+            run.write_json("diagnosis.json", result)
+            pd.DataFrame([flat_record(r) for r in records]).to_csv(run.path / "diagnosis.csv", index=False)
+            pd.DataFrame(effect_rows).to_csv(run.path / "geffect.csv", index=False)
+            if conflict_rows:
+                pd.DataFrame(conflict_rows).to_csv(run.path / "conflicts.csv", index=False)
+            from geffect.plots.figures import diagnosis_plane
+            fig = diagnosis_plane(records, result["basis"])
+            fig.savefig(run.path / "diagnosis.png", dpi=90)
+            result["out"] = str(run.commit())
+        return result
+    except BaseException:
+        if run is not None and run.path.exists():
+            import shutil
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
+BASIS = ("G-effect along each candidate's actual optimizer update (AdamW, lr {lr:g}, no warm-up), "
+         "summed over {steps} steps and multiplied by −lr: the first-order change of the forget risk "
+         "(removal, want > 0) and of the retain risk (want ≤ 0), in nats per answer token.")
+
+
+def agreement(records: list[dict]) -> dict:
+    """How well the predicted first-order risk changes match the measured NLL changes."""
+    import numpy as np
+    import pandas as pd
+    out = {}
+    for pred, meas in (("predicted_forget_risk_change", "nll_forget_change"),
+                       ("predicted_retain_risk_change", "nll_retain_change")):
+        x = np.array([r[pred] for r in records], dtype=float)
+        y = np.array([r[meas] for r in records], dtype=float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.sum() >= 3 and x[ok].std() > 0 and y[ok].std() > 0:
+            out[meas] = {"spearman": float(pd.Series(x[ok]).corr(pd.Series(y[ok]), method="spearman")),
+                         "sign_agreement": float((np.sign(x[ok]) == np.sign(y[ok])).mean())}
+    return out
+
+
+def flat_record(r: dict) -> dict:
+    out = {k: v for k, v in r.items() if not isinstance(v, dict)}
+    for key in ("e_u_groups", "e_r_groups", "share_unlearn"):
+        out.update({f"{key.replace('_groups', '')}_{g}": v for g, v in r.get(key, {}).items()})
+    return out
