@@ -398,22 +398,51 @@ def compare_conflicts(runs: list[RunRecords]):
     return fig
 
 
+def _symlog_coords(v: np.ndarray) -> np.ndarray:
+    a = np.abs(v[np.isfinite(v) & (v != 0)])
+    lt = float(np.percentile(a, 10)) if a.size else 1.0
+    t = np.sign(v) * np.log10(1 + np.abs(v) / lt)
+    span = np.nanmax(t) - np.nanmin(t) if np.isfinite(t).any() else 1.0
+    return t / (span if span > 0 else 1.0)
+
+
+def _label_clusters(ax, chosen: list[dict], x: np.ndarray, y: np.ndarray, records: list[dict]) -> None:
+    """Label the chosen points; points that nearly coincide on the (symlog) plot share one label."""
+    tx, ty = _symlog_coords(x), _symlog_coords(y)
+    pos = {id(r): i for i, r in enumerate(records)}
+    done: list[tuple[float, float, list[str], float, float]] = []
+    for r in sorted(chosen, key=lambda r: r.get("rank", 99)):
+        i = pos[id(r)]
+        if not (np.isfinite(tx[i]) and np.isfinite(ty[i])):
+            continue
+        name = f"{r.get('rank', '')}. {r['method']}"
+        for cx, cy, names, _, _ in done:
+            if abs(cx - tx[i]) < 0.03 and abs(cy - ty[i]) < 0.03:
+                names.append(name)
+                break
+        else:
+            done.append((tx[i], ty[i], [name], x[i], y[i]))
+    for _, _, names, xi, yi in done:
+        text = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        ax.annotate(text, (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points", zorder=4)
+
+
 def diagnosis_plane(records: list[dict], basis: str = ""):
     """Candidates on the (e_u, e_r) plane (cumulative, along each one's update), target region
     e_u < 0, e_r ≥ 0 shaded, the Pareto front drawn."""
-    fig, ax = plt.subplots(figsize=(10, 7))
+    fig, ax = plt.subplots(figsize=(12, 7))
     x = np.array([r["e_u"] for r in records], dtype=float)
     y = np.array([r["e_r"] for r in records], dtype=float)
     fronts = np.array([r.get("front", 1) for r in records])
-    cmap = plt.cm.viridis_r
-    fmax = max(int(fronts.max()), 1) if len(fronts) else 1
+    fmax = max(int(fronts.max()), 2) if len(fronts) else 2
     for r, xi, yi, f in zip(records, x, y, fronts):
         if not (np.isfinite(xi) and np.isfinite(yi)):
             continue
-        ax.scatter(xi, yi, s=60 if r.get("pareto") else 30, color=cmap((f - 1) / max(fmax - 1, 1)),
-                   edgecolor="black", linewidth=0.8 if r.get("pareto") else 0.3, zorder=3)
-        ax.annotate(f"{r.get('rank', '')}. {r['method']}", (xi, yi), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points", zorder=4)
+        on_front = bool(r.get("pareto"))
+        color = "#d62728" if on_front else plt.cm.Greys(0.75 - 0.55 * (f - 2) / max(fmax - 2, 1))
+        ax.scatter(xi, yi, s=55 if on_front else 28, color=color, edgecolor="black",
+                   linewidth=0.8 if on_front else 0.3, zorder=3)
+    _label_clusters(ax, [r for r in records if r.get("pareto") or r.get("rank", 99) <= 10], x, y, records)
     front = sorted([(xi, yi) for r, xi, yi in zip(records, x, y) if r.get("pareto") and np.isfinite(xi)
                     and np.isfinite(yi)])
     if front:
@@ -432,14 +461,15 @@ def diagnosis_plane(records: list[dict], basis: str = ""):
     ax.set_ylim(ylo, yhi)
     ax.axhline(0, color="0.3", lw=0.8)
     ax.axvline(0, color="0.3", lw=0.8)
-    ax.scatter([], [], color=cmap(0.0), edgecolor="black", label="front 1 (larger marker); lighter = later fronts")
+    ax.scatter([], [], color="#d62728", edgecolor="black", label="Pareto front (front 1)")
+    ax.scatter([], [], color=plt.cm.Greys(0.6), edgecolor="black", s=28, label="later fronts (lighter = later)")
     ax.set_xlabel("cumulative unlearning G-effect e_u along the update (symlog; < 0 removes)")
     ax.set_ylabel("cumulative retaining G-effect e_r along the update (symlog; ≥ 0 retains)")
     ax.set_title("Diagnosis: candidates on the (e_u, e_r) plane; numbers are ranks")
     if basis:
         fig.text(0.01, 0.005, "Basis: " + basis, fontsize=7, wrap=True, color="0.3")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
