@@ -258,18 +258,39 @@ def backward_parts(losses: list[torch.Tensor], part_grads: tuple[dict, ...], par
                 p.grad = None
 
 
-def token_records(step: int, tok, fo: ForwardOut, parts: Parts, forget_index: list[int]) -> list[dict]:
-    """Per answer token of every forget row: its text, NLL and the objective's token weight (if any)."""
-    s = fo.segments["forget"]
-    labels, nll, mask = fo.labels[s, 1:], fo.nll[s].detach(), fo.mask[s]   # (n_f, T-1) each
-    tw = parts.token_weight.detach() if parts.token_weight is not None else None
-    rows = []
-    for i, ds_index in enumerate(forget_index):
-        for pos in mask[i].nonzero().flatten().tolist():
-            rows.append({"step": step, "index": ds_index, "position": pos,
-                         "token": tok.decode([int(labels[i, pos])]), "nll": nll[i, pos].item(),
-                         "weight": tw[i, pos].item() if tw is not None else float("nan")})
-    return rows
+@dataclass
+class TokenSource:
+    """What the per-token records of one micro-batch's forget rows need (no logits kept)."""
+    batch: Batch
+    forget: slice
+    nll: torch.Tensor            # (n_f, T-1)
+    mask: torch.Tensor           # (n_f, T-1)
+    weight: torch.Tensor | None  # (n_f, T-1) token weights of token-weighted objectives
+    forget_index: list[int]
+
+    @classmethod
+    def of(cls, batch: Batch, fo: ForwardOut, parts: Parts, forget_index: list[int]) -> TokenSource:
+        s = fo.segments["forget"]
+        tw = parts.token_weight.detach() if parts.token_weight is not None else None
+        return cls(batch, s, fo.nll[s].detach(), fo.mask[s], tw, forget_index)
+
+    def effects(self, model, V: dict, params: dict | None = None) -> torch.Tensor:
+        """Per-token unlearning G-effects e_{i,t} = ∇nll_{i,t}ᵀV of the forget rows. -> (n_f, T-1)"""
+        from geffect.engine.tokens import token_effects
+        b, s = self.batch, self.forget
+        return token_effects(model, b.input_ids[s], b.attention_mask[s], b.labels[s], V, params)
+
+    def records(self, step: int, tok, effects: torch.Tensor | None) -> list[dict]:
+        """Per answer token: its text, NLL, the objective's token weight and (when measured) e_{i,t}."""
+        labels = self.batch.labels[self.forget, 1:]
+        rows = []
+        for i, ds_index in enumerate(self.forget_index):
+            for pos in self.mask[i].nonzero().flatten().tolist():
+                rows.append({"step": step, "index": ds_index, "position": pos,
+                             "token": tok.decode([int(labels[i, pos])]), "nll": self.nll[i, pos].item(),
+                             "weight": self.weight[i, pos].item() if self.weight is not None else float("nan"),
+                             "geffect": effects[i, pos].item() if effects is not None else float("nan")})
+        return rows
 
 
 def instance_weights(parts: Parts) -> torch.Tensor | None:
@@ -329,7 +350,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             acc = {"loss": 0.0, "loss_forget": 0.0, "loss_retain": 0.0, "nll_forget": 0.0, "nll_retain": 0.0}
-            captured = []
+            captured, token_src = [], []
             part_grads = ({}, {}) if split else None
             for _ in range(cfg.grad_accum):
                 fb, rb = fs.take(cfg.forget_batch), rs.take(cfg.retain_batch)
@@ -352,7 +373,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                     else:
                         backprop()
                 if engine:
-                    token_rows += token_records(step, tok, fo, parts, [index[id(r)] for r in fb])
+                    token_src.append(TokenSource.of(batch, fo, parts, [index[id(r)] for r in fb]))
                     captured.append((cap, batch.segments, [index[id(r)] for r in fb], [index[id(r)] for r in rb],
                                      instance_weights(parts)))
                 acc["loss"] += parts.total.item() / cfg.grad_accum
@@ -378,9 +399,18 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                         if engine and profile.direction == "update" else None)
             if cfg.clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            tokens_due = engine is not None and profile.tokens_every > 0 and step % profile.tokens_every == 0
+            effects = None
+            if tokens_due and snapshot is None:   # along ∇L, at the weights before the step
+                effects = [src.effects(model, V) for src in token_src]
             opt.step()
             if snapshot is not None:
                 V = {id(p): (snapshot[id(p)] - p.detach()) / lr for p in params}  # −Δθ/η
+                if tokens_due:                     # along the update, at the weights before it
+                    before_step = {n: snapshot[id(p)] for n, p in model.named_parameters() if id(p) in snapshot}
+                    effects = [src.effects(model, V, before_step) for src in token_src]
+            for k, src in enumerate(token_src):
+                token_rows += src.records(step, tok, effects[k] if effects is not None else None)
             if engine:
                 er, ir = engine.records(step, captured, V)
                 if probe_cap is not None:

@@ -272,3 +272,42 @@ def test_instance_pairs_match_one_instance_at_a_time(tiny, spec):
                 for gi, g in enumerate(eng.groups):
                     want = sum(d for grp, d in dots if grp == g)
                     assert pairs[risk][i, gi].item() == pytest.approx(want, rel=2e-3, abs=1e-6)
+
+
+def test_token_effects_match_per_token_autograd(tiny):
+    """e_{i,t} = ∇nll_{i,t}ᵀV by forward-mode AD against one backward per token."""
+    from geffect.data.batching import qa
+    from geffect.engine.tokens import token_effects
+    model, tok = tiny.model, tiny.tokenizer
+    b = collate(tok, {"forget": qa(_data().forget)}, 128)
+    gen = torch.Generator().manual_seed(0)
+    V = {id(p): torch.randn(p.shape, generator=gen) for p in model.parameters()}
+    e = token_effects(model, b.input_ids, b.attention_mask, b.labels, V)
+    pos = torch.arange(b.input_ids.shape[1]).expand_as(b.input_ids)
+    nll, mask = fn.token_nll(model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                                   use_cache=False).logits, b.labels)
+    params = list(model.parameters())
+    assert (e[mask == 0] == 0).all()
+    for i in range(len(b.input_ids)):
+        answer = mask[i].nonzero().flatten().tolist()
+        for t in (answer[0], answer[len(answer) // 2], answer[-1]):
+            g = torch.autograd.grad(nll[i, t], params, retain_graph=True)
+            want = sum(torch.dot(gi.flatten().double(), V[id(p)].flatten().double()) for gi, p in zip(g, params))
+            assert e[i, t].item() == pytest.approx(want.item(), rel=1e-3, abs=1e-5)
+
+
+def test_token_effects_average_to_the_instance_pg_effect(tmp_path):
+    """In a profile run, the mean of e_{i,t} over an answer's tokens is the instance's PG-effect."""
+    import pandas as pd
+
+    from geffect.unlearn import UnlearnConfig, unlearn
+    for direction in ("grad", "update"):
+        s = unlearn(UnlearnConfig(method="wga+kl", model="tiny-llama", steps=2, memorize="no", progress=False,
+                                  save_model=False, lr=1e-3),
+                    profile=ProfileConfig(tokens_every=1, direction=direction))
+        toks, inst = pd.DataFrame(s["tokens"]), pd.DataFrame(s["instances"])
+        assert toks["geffect"].notna().all() and toks["weight"].notna().all()
+        mean_tok = toks.groupby(["step", "index"])["geffect"].mean()
+        pg = inst[(inst.split == "forget") & (inst.source == "batch")].set_index(["step", "index"])["value"]
+        for key, v in mean_tok.items():
+            assert v == pytest.approx(pg[key], rel=2e-3, abs=1e-6), (direction, key)

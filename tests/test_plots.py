@@ -55,7 +55,8 @@ def fake_run(path, method="npo+gd", steps=5, nan=False, optional=True, seed=0):
                    "retain": rng.normal()} for s in range(0, steps, 2) for i in range(6)]).to_csv(
         path / "pairs.csv", index=False)
     pd.DataFrame([{"step": s, "index": i, "position": p, "token": f" tok{p}", "nll": rng.uniform(0, 5),
-                   "weight": np.nan if nan else rng.uniform()} for s in range(steps) for i in range(3)
+                   "weight": np.nan if nan else rng.uniform(),
+                   "geffect": rng.normal() if s % 2 == 0 else np.nan} for s in range(steps) for i in range(3)
                   for p in range(12)]).to_csv(path / "tokens.csv", index=False)
     return path
 
@@ -127,7 +128,7 @@ def test_plot_cli_on_a_tiny_model_run(tmp_path, capsys):
     for m in ("gd", "wga+kl"):
         out = tmp_path / m.replace("+", "-")
         assert main(["profile", "--model", "tiny-llama", "--method", m, "--steps", "3", "--memorize", "no",
-                     "--pairs-every", "1", "--out", str(out), "--no-progress", "--no-save-model",
+                     "--pairs-every", "1", "--tokens-every", "2", "--out", str(out), "--no-progress", "--no-save-model",
                      "--no-report"]) == 0
         runs.append(out)
     assert not (runs[0] / "report.html").exists()

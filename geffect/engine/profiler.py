@@ -43,6 +43,9 @@ class ProfileConfig:
         "help": "every k steps, for each forget instance, the G-effect of its own objective term on the "
                 "forget and on the retain risk (the paper's Fig. 5b; pairs.csv); costs two backward passes; "
                 "0 = off"})
+    tokens_every: int = field(default=5, metadata={
+        "help": "every k steps, the G-effect on each forget answer token's NLL (tokens.csv 'geffect'), by one "
+                "forward-mode pass; 0 = off"})
     reuse_backward: bool = field(default=True, metadata={
         "help": "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, SimNPO …), "
                 "derive the risk cotangents from the training backward instead of an extra backward"})

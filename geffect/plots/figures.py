@@ -229,22 +229,36 @@ def conflicts(run: RunRecords):
     return fig
 
 
-def token_view(run: RunRecords, n_samples: int = 4, width_chars: int = 90):
+def token_geffect_view(run: RunRecords, n_samples: int = 4):
+    """Answers shaded by each token's G-effect e_{i,t} (red < 0: the objective raises that token's NLL)."""
+    t = run.tokens
+    if t is None or "geffect" not in t.columns or t["geffect"].isna().all():
+        return None
+    return token_view(run, n_samples, value="geffect")
+
+
+def token_view(run: RunRecords, n_samples: int = 4, width_chars: int = 90, value: str = "auto"):
     """Answers of a few forget samples, each token shaded by its weight (token-weighted objectives)
-    or its NLL, at the last step that saw them."""
+    or its NLL (or, with value='geffect', its G-effect), at the last step that measured it."""
     t = run.tokens
     if t is None:
         return None
-    use_weight = t["weight"].notna().any()
-    value = "weight" if use_weight else "nll"
+    if value == "auto":
+        value = "weight" if t["weight"].notna().any() else "nll"
+    t = t[t[value].notna()]
+    if t.empty:
+        return None
+    use_weight = value == "weight"
     last = t[t["step"] == t["step"].max()]
     picks = list(dict.fromkeys(last["index"]))[:n_samples]
-    if not picks:
-        return None
     vals = _finite(t[value])
-    vmin, vmax = (0.0, max(1.0, float(vals.max()) if vals.size else 1.0)) if use_weight else \
-        (0.0, float(np.percentile(vals, 95)) if vals.size else 1.0)
-    cmap = plt.cm.magma_r if not use_weight else plt.cm.viridis
+    if value == "geffect":
+        m = float(np.percentile(np.abs(vals), 95)) if vals.size else 1.0
+        vmin, vmax, cmap = -m, m, plt.cm.RdBu
+    elif use_weight:
+        vmin, vmax, cmap = 0.0, max(1.0, float(vals.max()) if vals.size else 1.0), plt.cm.viridis
+    else:
+        vmin, vmax, cmap = 0.0, float(np.percentile(vals, 95)) if vals.size else 1.0, plt.cm.magma_r
     lines = []   # per sample: list of rows of (token, value)
     for idx in picks:
         d = last[last["index"] == idx].sort_values("position")
@@ -280,9 +294,10 @@ def token_view(run: RunRecords, n_samples: int = 4, width_chars: int = 90):
                 x += char_w * len(tok)
             y -= dy
     cax = fig.add_axes([0.9, 0.1, 0.02, 0.75])
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax,
-                 label="token weight w_t" if use_weight else "token NLL (nats)")
-    what = "token weight" if use_weight else "token NLL"
+    label = {"weight": "token weight w_t", "nll": "token NLL (nats)",
+             "geffect": "per-token G-effect e_t (< 0: NLL rises)"}[value]
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, label=label)
+    what = {"weight": "token weight", "nll": "token NLL", "geffect": "per-token unlearning G-effect"}[value]
     fig.suptitle(f"Forget answers shaded by {what} at step {int(last['step'].max())}: {run.method}", fontsize=11)
     return fig
 
@@ -476,7 +491,7 @@ def diagnosis_plane(records: list[dict], basis: str = ""):
 
 RUN_FIGURES = {"geffect_per_step": geffect_per_step, "geffect_cumulative": geffect_cumulative,
                "nll": nll_curves, "weights": weights, "pg_effect_density": pg_effect_density,
-               "conflicts": conflicts, "tokens": token_view}
+               "conflicts": conflicts, "tokens": token_view, "tokens_geffect": token_geffect_view}
 COMPARE_FIGURES = {"compare_geffect": compare_geffect,
                    "compare_cumulative": lambda runs: compare_geffect(runs, cumulative=True),
                    "compare_groups": compare_groups, "compare_nll": compare_nll,

@@ -18,6 +18,8 @@ CAPTIONS = {
                          "range (paper Fig. 5b).",
     "conflicts": "Cosine between the forget and retain parts' gradients per layer group, and how often they conflict.",
     "tokens": "Forget answers with each token shaded by its weight (token-weighted objectives) or its NLL.",
+    "tokens_geffect": "Forget answers with each token shaded by its G-effect e_t = ∇nll_tᵀ∇L: red tokens are the "
+                      "ones whose NLL the step raises; their mean is the instance's PG-effect.",
 }
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
