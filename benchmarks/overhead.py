@@ -3,6 +3,7 @@
 Variants (NPO+GD, AdamW, bundled data, forget batch = retain batch = B):
 - plain:    one training step (forward θ, forward θ_o, backward, optimizer step);
 - profiled: the same step with the engine on (per-group and per-instance G-effects, grad direction);
+- conflicts: profiled plus the per-step conflict statistics of `geffect profile` (backward once per part);
 - naive:    what the official G-effect code does: the plain step plus, per micro-batch, separate
             backward passes for R_u, L and R_r with full parameter gradients copied out
             (flattened to host buffers), EMA-smoothed (0.6·old + 0.4·new) and dotted per group.
@@ -69,6 +70,30 @@ def step_profiled(s):
     s["opt"].step()
 
 
+def step_conflicts(s):
+    """The profiled step plus per-step conflict statistics (the `geffect profile` default): the
+    backward runs once per part, and the two part gradients are dotted per group."""
+    from functools import partial
+
+    from geffect.surgery import combine, param_groups
+    from geffect.unlearn import backward_parts, forward
+    eng, method, model = s["engine"], s["method"], s["model"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    s["opt"].zero_grad(set_to_none=True)
+    grads = ({}, {})
+    with eng.capture() as cap:
+        fo = forward(model, s["ref"], s["batch"], method)
+        parts = method.parts(fo)
+        eng.backward(cap, fo, parts.total, False,
+                     partial(backward_parts, [method.gamma * parts.forget, method.alpha * parts.retain], grads, params))
+    update, _ = combine(*grads, param_groups(model, eng.assignment), "global", apply=False)
+    for p in params:
+        p.grad = update.get(id(p))
+    del update, grads
+    eng.summarise(eng.measure(cap, s["batch"].segments, eng.direction_from_grads()))
+    s["opt"].step()
+
+
 def step_naive(s):
     from geffect.objectives import functional as fn
     from geffect.unlearn import forward
@@ -99,7 +124,7 @@ def step_naive(s):
     step_plain(s)
 
 
-VARIANTS = {"plain": step_plain, "profiled": step_profiled, "naive": step_naive}
+VARIANTS = {"plain": step_plain, "profiled": step_profiled, "conflicts": step_conflicts, "naive": step_naive}
 
 
 def _rss_mb() -> float:
@@ -157,9 +182,9 @@ def main() -> None:
                     times[v].append(time.perf_counter() - t0)
             med = {v: statistics.median(t) for v, t in times.items()}
             tokens = int(s["batch"].attention_mask.sum())
-            print(f"batch {B}+{B} ({tokens} tokens): plain {med['plain']:.2f} s, profiled {med['profiled']:.2f} s, "
-                  f"naive {med['naive']:.2f} s  |  time ratio profiled/plain {med['profiled'] / med['plain']:.2f}, "
-                  f"naive/plain {med['naive'] / med['plain']:.2f}")
+            print(f"batch {B}+{B} ({tokens} tokens): " + ", ".join(f"{v} {m:.2f} s" for v, m in med.items())
+                  + "  |  time ratio to plain: "
+                  + ", ".join(f"{v} {med[v] / med['plain']:.2f}" for v in VARIANTS if v != "plain"))
             del s
         rss = {}
         for v in VARIANTS:
@@ -168,7 +193,7 @@ def main() -> None:
             rss[v] = json.loads(r.stdout.strip().splitlines()[-1])["maxrss_mb"]
         print(f"peak memory during steps, batch {a.memory_batch}+{a.memory_batch} (RSS): "
               + ", ".join(f"{v} {m:.0f} MB" for v, m in rss.items())
-              + f"  |  ratio profiled/plain {rss['profiled'] / rss['plain']:.2f}, naive/plain {rss['naive'] / rss['plain']:.2f}")
+              + "  |  ratio to plain: " + ", ".join(f"{v} {rss[v] / rss['plain']:.2f}" for v in VARIANTS if v != "plain"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class Capture:
         self.seen: dict[str, _Seen] = {}
         self._handles: list = []
         self.stash = False  # when True, the training backward's cotangents are kept (reuse path)
+        self.row_scale: torch.Tensor | None = None  # (N,) per-row factor turning them into risk cotangents
 
     def __enter__(self) -> Self:
         for name, mod in self.modules.items():
@@ -56,6 +57,7 @@ class Capture:
     def release(self) -> None:
         """Drop every captured tensor (call once the step's values are computed)."""
         self.seen.clear()
+        self.row_scale = None
 
     def risk_grads(self, risk: torch.Tensor) -> None:
         """Cotangents of the risk at every captured output, from one backward without weight grads."""
@@ -66,12 +68,14 @@ class Capture:
             self.seen[n].grad = g
 
     def rescale_rows(self, rows: torch.Tensor, scale: torch.Tensor) -> None:
-        """Turn stashed training cotangents into risk cotangents: g_R[i] = g_L[i] / c_i on ``rows``."""
-        for s in self.seen.values():
-            if s.grad is not None:
-                g = torch.zeros_like(s.grad)
-                g[rows] = s.grad[rows] * scale.view(-1, *([1] * (s.grad.dim() - 1))).to(g.dtype)
-                s.grad = g
+        """Treat stashed training cotangents as risk cotangents: g_R[i] = g_L[i] / c_i on ``rows``.
+
+        Inner products are linear in each row's cotangent, so the scale is applied to the per-row
+        results rather than to the tensors (no copy of every cotangent).
+        """
+        n = next((s.grad.shape[0] for s in self.seen.values() if s.grad is not None), 0)
+        self.row_scale = torch.zeros(n, dtype=torch.float64)
+        self.row_scale[rows] = scale.to(torch.float64)
 
     def output_grads(self, scalar: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cotangents of ``scalar`` at every captured output (graph kept; nothing stored)."""
@@ -103,4 +107,7 @@ class Capture:
                 vals = rule_for(mod)(mod, inputs, grad[rows].detach(), local).float()
             g = self.assignment[name]
             out[g] = out[g] + vals if g in out else vals
+        if cotangents is None and self.row_scale is not None:
+            scale = self.row_scale[rows].float()
+            out = {g: v * scale for g, v in out.items()}
         return out
