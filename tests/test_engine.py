@@ -311,3 +311,51 @@ def test_token_effects_average_to_the_instance_pg_effect(tmp_path):
         pg = inst[(inst.split == "forget") & (inst.source == "batch")].set_index(["step", "index"])["value"]
         for key, v in mean_tok.items():
             assert v == pytest.approx(pg[key], rel=2e-3, abs=1e-6), (direction, key)
+
+
+def _other_arch(kind):
+    """Tiny Qwen2-, Phi- and GPT-NeoX-style models with the byte tokenizer."""
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from geffect.models import LoadedModel, byte_tokenizer
+    tok = byte_tokenizer(None)
+    common = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "max_position_embeddings": 512, "pad_token_id": tok.pad_token_id,
+              "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    torch.manual_seed(0)
+    model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2,
+                                                           tie_word_embeddings=True)),
+             "phi": lambda: PhiForCausalLM(PhiConfig(**common, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                     attention_dropout=0.0)),
+             "gpt-neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**common, attention_dropout=0.0,
+                                                                  hidden_dropout=0.0)),
+             }[kind]()
+    model.eval()
+    return LoadedModel(model, tok, kind)
+
+
+@pytest.mark.parametrize("spec", ["gd", "npo+kl"])
+@pytest.mark.parametrize("kind", ["qwen2", "phi", "gpt-neox"])
+def test_other_architectures_group_and_match_autograd(kind, spec):
+    lm = _other_arch(kind)
+    model_tok[0] = lm.tokenizer
+    model, method, data = lm.model, parse_method(spec), _data()
+    assignment = assign_groups(model)
+    owned = [id(p) for name in assignment for p in model.get_submodule(name).parameters(recurse=False)]
+    assert sorted(set(owned)) == sorted({id(p) for p in model.parameters()})   # every tensor in a group
+    assert {"embed", "shallow", "middle", "deep", "lm"} == set(assignment.values())
+    ref = frozen_reference(model)
+    batch = make_batch(lm.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
+    eng, res = engine_step(model, method, batch, ref)
+    for split, recs in (("forget", data.forget), ("retain", data.retain)):
+        for i, vals in enumerate(brute_force(model, method, batch, recs, ref, split)):
+            for gi, g in enumerate(eng.groups):
+                want, got = vals.get(g, 0.0), res[split][i, gi].item()
+                assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (kind, split, i, g, got, want)
