@@ -30,6 +30,16 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
                                 help=f"{helptext} (default: {f.default})")
 
 
+def _add_run_fields(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """A subset of the UnlearnConfig options (for verbs that do not run a whole job)."""
+    from geffect.unlearn import UnlearnConfig
+    by_name = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+    for name in names:
+        f = by_name[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default) if f.default is not None
+                            else str, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from geffect.engine.profiler import ProfileConfig
     from geffect.objectives.methods import Hyper
@@ -76,10 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "optimizer update (a scale-free basis), rank the candidates by Pareto front over "
                                    "removal and retention, and write diagnosis.json, diagnosis.csv and "
                                    "diagnosis.png into --out.")
-    for name in ("model", "forget", "retain", "memorize", "max_length", "seed"):
-        f = {f.name: f for f in dataclasses.fields(UnlearnConfig)}[name]
-        d.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default) if f.default is not None
-                       else str, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    _add_run_fields(d, ("model", "forget", "retain", "memorize", "max_length", "seed"))
     d.add_argument("--methods", nargs="+", default=None,
                    help=DiagnoseConfig.__dataclass_fields__["methods"].metadata["help"])
     _add_dataclass_args(d, DiagnoseConfig, skip=("methods",))
@@ -92,10 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("measure", help="one step's G-effects at the given weights (no update)",
                        description="G-effects of one step of --method with the whole forget and retain sets "
                                    "as one batch each; the model is not updated.")
-    for name in ("method", "model", "forget", "retain", "memorize", "max_length", "seed"):
-        f = {f.name: f for f in dataclasses.fields(UnlearnConfig)}[name]
-        m.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default) if f.default is not None
-                       else str, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    _add_run_fields(m, ("method", "model", "forget", "retain", "memorize", "max_length", "seed"))
     _add_dataclass_args(m.add_argument_group("objective hyperparameters"), Hyper)
     _add_dataclass_args(m.add_argument_group("G-effect engine"), ProfileConfig, skip=("probe_every", "probe_retain"))
     m.add_argument("--json", action="store_true", help="print JSON: unlearn, retain, per_instance")
