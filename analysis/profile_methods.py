@@ -19,6 +19,8 @@ from geffect.unlearn import UnlearnConfig, unlearn
 
 # Wang et al. (2025) study GA, GD, NPO (+regularisers), WGA, TNPO, WTNPO and RMU; the detox study
 # adds GradDiff with PCGrad.
+# per-run figures committed to figures/ (each run directory keeps all of them)
+KEEP = ("geffect_per_step", "weights", "pg_effect_density", "conflicts", "tokens", "tokens_geffect")
 METHODS = ["ga", "gd", "gd+pcgrad", "npo", "npo+gd", "npo+kl", "wga", "tnpo", "wtnpo", "rmu"]
 
 
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(png, figs / png.name)
     for d in done:
         for png in (d / "figures").glob("*.png"):
-            shutil.copy(png, figs / f"{d.name}_{png.name}")
+            if png.stem in KEEP:
+                shutil.copy(png, figs / f"{d.name}_{png.name}")
     print(f"figures in {figs}/")
     return 0
 
