@@ -111,17 +111,50 @@ def make_batch(tok, method: Method, forget: list[QARecord], retain: list[QARecor
     return collate(tok, segs, max_length)
 
 
-def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = None) -> ForwardOut:
-    """One forward of θ (with grad) and, if needed, one no-grad forward of θ_o on the same rows."""
+def part_rows(segments: dict[str, slice]) -> list[torch.Tensor]:
+    """Row chunks of a batch for a backward split into parts: the forget-side rows (forget, idk,
+    mismatch) and the retain rows. Each part's loss reads only its own chunk."""
+    r = segments["retain"]
+    n = max(s.stop for s in segments.values())
+    rest = [i for i in range(n) if not r.start <= i < r.stop]
+    return [torch.tensor(rest), torch.arange(r.start, r.stop)]
+
+
+def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = None,
+            chunks: list[torch.Tensor] | None = None, cap=None) -> ForwardOut:
+    """One forward of θ (with grad) and, if needed, one no-grad forward of θ_o on the same rows.
+
+    ``chunks`` runs θ's forward separately on disjoint row sets (same total work) and reassembles
+    the rows in order, so that a loss reading one chunk back-propagates through that chunk only;
+    ``cap`` (a Capture) is told which rows each forward covers.
+    """
     want_hidden = method.needs_hidden
     # Explicit (N, T) positions (right padding: 0..T-1 per row): position embeddings then see one
     # row per sample, so per-sample quantities stay per sample instead of a broadcast (1, T).
     pos = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-                output_hidden_states=want_hidden, use_cache=False)
-    nll, mask = fn.token_nll(out.logits, batch.labels)
-    fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
-                    hidden=out.hidden_states[rmu_layer + 1] if want_hidden else None)
+    outs = []
+    for idx in chunks or [None]:
+        sel = slice(None) if idx is None else idx
+        if cap is not None:
+            cap.rows = idx
+        outs.append(model(input_ids=batch.input_ids[sel], attention_mask=batch.attention_mask[sel],
+                          position_ids=pos[sel], output_hidden_states=want_hidden, use_cache=False))
+    if cap is not None:
+        cap.rows = None
+    hidden = None
+    if chunks is None:
+        logits = outs[0].logits                                           # (N, T, V)
+        hidden = outs[0].hidden_states[rmu_layer + 1] if want_hidden else None
+    else:
+        order = torch.cat(chunks)
+        inv = None if bool((order[1:] > order[:-1]).all()) else torch.argsort(order)
+        logits = torch.cat([o.logits for o in outs])
+        logits = logits if inv is None else logits[inv]
+        if want_hidden:
+            hidden = torch.cat([o.hidden_states[rmu_layer + 1] for o in outs])
+            hidden = hidden if inv is None else hidden[inv]
+    nll, mask = fn.token_nll(logits, batch.labels)
+    fo = ForwardOut(nll, mask, logits, batch.labels, batch.segments, hidden=hidden)
     if method.needs_ref:
         with torch.no_grad():
             r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
@@ -356,7 +389,9 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 fb, rb = fs.take(cfg.forget_batch), rs.take(cfg.retain_batch)
                 batch = make_batch(tok, method, fb, rb, data, rng, cfg.max_length)
                 with (engine.capture() if engine else nullcontext()) as cap:
-                    fo = forward(model, ref, batch, method, st["rmu_layer"])
+                    # with the backward split into parts, each part's rows get their own forward
+                    fo = forward(model, ref, batch, method, st["rmu_layer"],
+                                 part_rows(batch.segments) if split else None, cap)
                     parts = method.parts(fo, st["control"])
                     loss = parts.total / cfg.grad_accum
                     backprop = loss.backward

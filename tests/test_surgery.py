@@ -205,21 +205,22 @@ def test_pcgrad_flag_and_conflicts_csv(tmp_path):
                  "--no-progress"]) == 2
 
 
-@pytest.mark.parametrize("spec", ["npo+gd", "npo+kl", "rmu"])
+@pytest.mark.parametrize("spec", ["npo+gd", "npo+kl", "rmu", "idkdpo+gd"])
 def test_engine_values_unchanged_by_split_backward(tiny, spec):
-    """The stashed cotangents of a backward run once per part add up to the single backward's."""
+    """A forward per part's rows and a backward per part give the single pass's G-effects."""
+    import random
     from functools import partial
 
-    from geffect.data.batching import collate, qa
-    from geffect.data.synthetic import default_splits
+    from geffect.data.synthetic import default_splits, idk_answers
     from geffect.engine import Engine
     from geffect.models import frozen_reference
     from geffect.objectives import functional as fn
-    from geffect.unlearn import backward_parts, forward
+    from geffect.unlearn import Data, backward_parts, forward, make_batch, part_rows
 
     sp = default_splits(0)
     method = parse_method(spec)
-    batch = collate(tiny.tokenizer, {"forget": qa(sp["forget"][:3]), "retain": qa(sp["retain"][:2])}, 128)
+    data = Data(sp["forget"][:3], sp["retain"][:2], [], idk_answers(), True)
+    batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 128)
     ref = frozen_reference(tiny.model)
     control = fn.rmu_control(tiny.model.config.hidden_size, 6.5) if method.needs_hidden else None
     params = [p for p in tiny.model.parameters() if p.requires_grad]
@@ -228,7 +229,8 @@ def test_engine_values_unchanged_by_split_backward(tiny, spec):
         eng = Engine(tiny.model)
         tiny.model.zero_grad(set_to_none=True)
         with eng.capture() as cap:
-            fo = forward(tiny.model, ref, batch, method, 1 if method.needs_hidden else None)
+            chunks = part_rows(batch.segments) if split else None   # as the loop does: one forward per part
+            fo = forward(tiny.model, ref, batch, method, 1 if method.needs_hidden else None, chunks, cap)
             parts = method.parts(fo, control)
             grads = ({}, {})
             bp = partial(backward_parts, [method.gamma * parts.forget, method.alpha * parts.retain], grads,

@@ -17,17 +17,23 @@ from geffect.engine.rules import rule_for
 class _Seen:
     inputs: tuple
     output: torch.Tensor
+    rows: torch.Tensor | None = None   # global batch rows of this chunk (None: all rows, in order)
     grad: torch.Tensor | None = None
 
 
 class Capture:
+    """Hooks for one training step. The step's forward may run in row chunks (e.g. the forget-side
+    rows and the retain rows separately, so each part's backward covers only its own rows): set
+    ``rows`` before each chunk's forward; every module then holds one record per chunk."""
+
     def __init__(self, model: torch.nn.Module, assignment: dict[str, str]):
         self.model, self.assignment = model, assignment
         self.modules = {n: model.get_submodule(n) for n in assignment}
-        self.seen: dict[str, _Seen] = {}
+        self.seen: dict[str, list[_Seen]] = {}
         self._handles: list = []
         self.stash = False  # when True, the training backward's cotangents are kept (reuse path)
         self.row_scale: torch.Tensor | None = None  # (N,) per-row factor turning them into risk cotangents
+        self.rows: torch.Tensor | None = None        # global rows of the forward about to run
 
     def __enter__(self) -> Self:
         for name, mod in self.modules.items():
@@ -39,16 +45,23 @@ class Capture:
             h.remove()
         self._handles.clear()
 
+    def _records(self):
+        for name, chunks in self.seen.items():
+            for rec in chunks:
+                yield name, rec
+
     def _hook(self, name: str):
         def hook(mod, inputs, output):
-            if name in self.seen:
+            chunks = self.seen.setdefault(name, [])
+            if any(c.rows is self.rows for c in chunks):
                 raise RuntimeError(f"module {name} ran twice in one forward; the G-effect engine needs one call")
             out = output[0] if isinstance(output, tuple) else output
-            seen = self.seen[name] = _Seen(inputs, out)
+            rec = _Seen(inputs, out, self.rows)
+            chunks.append(rec)
             if out.requires_grad:
-                def keep(g, seen=seen):
+                def keep(g, rec=rec):
                     if self.stash:  # a backward split into parts: cotangents add up
-                        seen.grad = g if seen.grad is None else seen.grad + g
+                        rec.grad = g if rec.grad is None else rec.grad + g
                 # removed on exit: a hook left on the tensor would form a reference cycle
                 # (tensor -> hook -> record -> tensor) that only the cyclic GC frees
                 self._handles.append(out.register_hook(keep))
@@ -59,54 +72,65 @@ class Capture:
         self.seen.clear()
         self.row_scale = None
 
+    def _outputs(self) -> list[_Seen]:
+        return [rec for _, rec in self._records() if rec.output.requires_grad]
+
     def risk_grads(self, risk: torch.Tensor) -> None:
         """Cotangents of the risk at every captured output, from one backward without weight grads."""
-        names = [n for n, s in self.seen.items() if s.output.requires_grad]
-        grads = torch.autograd.grad(risk, [self.seen[n].output for n in names], retain_graph=True,
-                                    allow_unused=True)
-        for n, g in zip(names, grads):
-            self.seen[n].grad = g
+        recs = self._outputs()
+        grads = torch.autograd.grad(risk, [r.output for r in recs], retain_graph=True, allow_unused=True)
+        for r, g in zip(recs, grads):
+            r.grad = g
 
-    def rescale_rows(self, rows: torch.Tensor, scale: torch.Tensor) -> None:
+    def output_grads(self, scalar: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Cotangents of ``scalar`` at every captured output (graph kept; nothing stored), keyed by
+        id of the record."""
+        recs = self._outputs()
+        grads = torch.autograd.grad(scalar, [r.output for r in recs], retain_graph=True, allow_unused=True)
+        return {id(r): g for r, g in zip(recs, grads) if g is not None}
+
+    def rescale_rows(self, rows: torch.Tensor, scale: torch.Tensor, n_rows: int) -> None:
         """Treat stashed training cotangents as risk cotangents: g_R[i] = g_L[i] / c_i on ``rows``.
 
         Inner products are linear in each row's cotangent, so the scale is applied to the per-row
         results rather than to the tensors (no copy of every cotangent).
         """
-        n = next((s.grad.shape[0] for s in self.seen.values() if s.grad is not None), 0)
-        self.row_scale = torch.zeros(n, dtype=torch.float64)
+        self.row_scale = torch.zeros(n_rows, dtype=torch.float64)
         self.row_scale[rows] = scale.to(torch.float64)
 
-    def output_grads(self, scalar: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cotangents of ``scalar`` at every captured output (graph kept; nothing stored)."""
-        names = [n for n, s in self.seen.items() if s.output.requires_grad]
-        grads = torch.autograd.grad(scalar, [self.seen[n].output for n in names], retain_graph=True,
-                                    allow_unused=True)
-        return {n: g for n, g in zip(names, grads) if g is not None}
-
-    def inner_products(self, V: dict[int, torch.Tensor], rows: torch.Tensor | slice,
-                       cotangents: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩. -> {group: (n_rows,)}.
+    def inner_products(self, V: dict[int, torch.Tensor], rows: slice,
+                       cotangents: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩ for the global rows ``rows``.
+        -> {group: (n_rows,)}.
 
         ``V`` maps id(parameter) to the direction (∇L or the update) for that parameter.
-        ``cotangents`` (module name -> tensor) replaces the captured risk cotangents, e.g. by the
+        ``cotangents`` (from :meth:`output_grads`) replaces the captured risk cotangents, e.g. by the
         objective's own, giving per-row ⟨∇L_i, V⟩ instead.
         """
+        n = rows.stop - rows.start
         out: dict[str, torch.Tensor] = {}
-        for name, s in self.seen.items():
+        for name, rec in self._records():
             mod = self.modules[name]
             local = {pn: V[id(p)] for pn, p in mod._parameters.items()
                      if p is not None and p.requires_grad and id(p) in V}
-            grad = s.grad if cotangents is None else cotangents.get(name)
+            grad = rec.grad if cotangents is None else cotangents.get(id(rec))
             if not local or grad is None:
                 continue
-            n_rows = grad.shape[0]
-            inputs = tuple(x[rows] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_rows else x
-                           for x in s.inputs)
+            n_chunk = grad.shape[0]
+            if rec.rows is None:
+                sel, dest = torch.arange(rows.start, rows.stop), torch.arange(n)
+            else:
+                hit = (rec.rows >= rows.start) & (rec.rows < rows.stop)
+                sel, dest = hit.nonzero().flatten(), rec.rows[hit] - rows.start
+            if len(sel) == 0:
+                continue
+            inputs = tuple(x[sel] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
+                           for x in rec.inputs)
             with torch.no_grad():
-                vals = rule_for(mod)(mod, inputs, grad[rows].detach(), local).float()
+                vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()
             g = self.assignment[name]
-            out[g] = out[g] + vals if g in out else vals
+            acc = out.setdefault(g, torch.zeros(n))
+            acc.index_add_(0, dest, vals)
         if cotangents is None and self.row_scale is not None:
             scale = self.row_scale[rows].float()
             out = {g: v * scale for g, v in out.items()}

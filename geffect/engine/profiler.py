@@ -137,7 +137,7 @@ class Engine:
         cap.stash = True
         backprop()
         cap.stash = False
-        cap.rescale_rows(rows, 1.0 / c)
+        cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
         return "reuse"
 
     def instance_pairs(self, cap: Capture, fo, forget_part: torch.Tensor) -> dict[str, torch.Tensor]:
