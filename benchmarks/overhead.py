@@ -71,18 +71,18 @@ def step_profiled(s):
 
 
 def step_conflicts(s):
-    """The profiled step plus per-step conflict statistics (the `geffect profile` default): the
-    backward runs once per part, and the two part gradients are dotted per group."""
+    """The profiled step plus per-step conflict statistics (the `geffect profile` default): one
+    forward per part's rows, a backward per part, the two part gradients dotted per group."""
     from functools import partial
 
     from geffect.surgery import combine, param_groups
-    from geffect.unlearn import backward_parts, forward
+    from geffect.unlearn import backward_parts, forward, part_rows
     eng, method, model = s["engine"], s["method"], s["model"]
     params = [p for p in model.parameters() if p.requires_grad]
     s["opt"].zero_grad(set_to_none=True)
     grads = ({}, {})
     with eng.capture() as cap:
-        fo = forward(model, s["ref"], s["batch"], method)
+        fo = forward(model, s["ref"], s["batch"], method, None, part_rows(s["batch"].segments), cap)
         parts = method.parts(fo)
         eng.backward(cap, fo, parts.total, False,
                      partial(backward_parts, [method.gamma * parts.forget, method.alpha * parts.retain], grads, params))
