@@ -19,8 +19,22 @@ from geffect.unlearn import UnlearnConfig, unlearn
 
 # Wang et al. (2025) study GA, GD, NPO (+regularisers), WGA, TNPO, WTNPO and RMU; the detox study
 # adds GradDiff with PCGrad.
-# per-run figures committed to figures/ (each run directory keeps all of them)
-KEEP = ("geffect_per_step", "weights", "pg_effect_density", "conflicts", "tokens", "tokens_geffect")
+# per-run figures committed to figures/ (each run directory keeps all of them): the paper's
+# Figs. 3-4 for every method, Fig. 5 for the NPO family, token views for the token-weighted ones
+TOKEN_WEIGHTED = ("wga", "tnpo", "wtnpo")
+
+
+def keep(run: str, figure: str) -> bool:
+    if figure in ("geffect_per_step", "conflicts", "weights"):
+        return True
+    if figure == "pg_effect_density":
+        return run.startswith("npo") or run == "gd"
+    if figure in ("tokens", "tokens_geffect"):
+        return run in TOKEN_WEIGHTED or (figure == "tokens_geffect" and run == "npo-gd")
+    return False
+
+
+
 METHODS = ["ga", "gd", "gd+pcgrad", "npo", "npo+gd", "npo+kl", "wga", "tnpo", "wtnpo", "rmu"]
 
 
@@ -64,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(png, figs / png.name)
     for d in done:
         for png in (d / "figures").glob("*.png"):
-            if png.stem in KEEP:
+            if keep(d.name, png.stem):
                 shutil.copy(png, figs / f"{d.name}_{png.name}")
     print(f"figures in {figs}/")
     return 0

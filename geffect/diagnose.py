@@ -51,8 +51,8 @@ class DiagnoseConfig:
         "help": "candidate methods (default: every forget objective alone, +gd, +kl, and +pcgrad variants)"})
     steps: int = field(default=2, metadata={"help": "profiled optimizer steps per candidate (K)"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate of every candidate (no warm-up)"})
-    forget_batch: int = field(default=4, metadata={"help": "forget samples per step"})
-    retain_batch: int = field(default=4, metadata={"help": "retain samples per step"})
+    forget_batch: int = field(default=2, metadata={"help": "forget samples per step (small: 44 candidates)"})
+    retain_batch: int = field(default=2, metadata={"help": "retain samples per step"})
     eval_retain: int = field(default=16, metadata={"help": "retain samples in the NLL check (plus the whole forget set)"})
 
 
@@ -226,7 +226,7 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
         cfg = replace(base, steps=dcfg.steps, lr=dcfg.lr, warmup_steps=0, forget_batch=dcfg.forget_batch,
                       retain_batch=dcfg.retain_batch, grad_accum=1, epochs=None, memorize="no",
                       save_model=False, progress=False, pcgrad=False)
-        prof = ProfileConfig(direction="update", pairs_every=0, conflicts=True)
+        prof = ProfileConfig(direction="update", pairs_every=0, tokens_every=0, conflicts=True)
         bar = tqdm(methods, desc="diagnose", disable=not progress)
         for method in bar:
             bar.set_description(f"diagnose {method}")
@@ -293,7 +293,8 @@ def agreement(records: list[dict]) -> dict:
         y = np.array([r[meas] for r in records], dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
         if ok.sum() >= 3 and x[ok].std() > 0 and y[ok].std() > 0:
-            out[meas] = {"spearman": float(pd.Series(x[ok]).corr(pd.Series(y[ok]), method="spearman")),
+            rx, ry = pd.Series(x[ok]).rank(), pd.Series(y[ok]).rank()   # Spearman = Pearson of ranks
+            out[meas] = {"spearman": float(rx.corr(ry)),
                          "sign_agreement": float((np.sign(x[ok]) == np.sign(y[ok])).mean())}
     return out
 

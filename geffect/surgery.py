@@ -80,11 +80,13 @@ def param_groups(model: torch.nn.Module, assignment: dict[str, str]) -> dict[int
 
 
 def _dots(gf: dict[int, torch.Tensor], gr: dict[int, torch.Tensor], ids) -> dict[int, tuple[float, float, float]]:
-    """Per tensor: (⟨g_f,g_r⟩, ‖g_f‖², ‖g_r‖²) in float64; a missing part gradient is zero."""
+    """Per tensor: (⟨g_f,g_r⟩, ‖g_f‖², ‖g_r‖²) as Python floats; a missing part gradient is zero.
+    float32 tensors are dotted in float32 (blocked summation; REFERENCE §3 allows float32 or wider)
+    without a float64 copy of every gradient; the sums over tensors are float64."""
     res = {}
     for i in ids:
-        a = gf[i].reshape(-1).double() if i in gf else None
-        b = gr[i].reshape(-1).double() if i in gr else None
+        a = gf[i].reshape(-1) if i in gf else None
+        b = gr[i].reshape(-1) if i in gr else None
         res[i] = (torch.dot(a, b).item() if a is not None and b is not None else 0.0,
                   torch.dot(a, a).item() if a is not None else 0.0,
                   torch.dot(b, b).item() if b is not None else 0.0)
@@ -92,12 +94,14 @@ def _dots(gf: dict[int, torch.Tensor], gr: dict[int, torch.Tensor], ids) -> dict
 
 
 def combine(gf: dict[int, torch.Tensor], gr: dict[int, torch.Tensor], groups: dict[int, str],
-            scope: str = "global", apply: bool = True) -> tuple[dict[int, torch.Tensor], list[dict]]:
+            scope: str = "global", apply: bool = True,
+            inplace: bool = False) -> tuple[dict[int, torch.Tensor], list[dict]]:
     """The step's update from the two part gradients, and the conflict statistics.
 
     ``gf``/``gr`` map id(parameter) to ∇(γ·L_f) and ∇(α·L_r). Returns (update per parameter,
     stat rows for ``global`` and every group). With ``apply`` the update is PCGrad at ``scope``,
     else g_f + g_r. Equivalent to :func:`pcgrad` on the flattened vectors of each scope.
+    ``inplace`` builds the update in the g_f tensors (no new allocation; g_f is consumed).
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown --pcgrad-scope {scope!r}; choose one of {', '.join(SCOPES)}")
@@ -125,10 +129,12 @@ def combine(gf: dict[int, torch.Tensor], gr: dict[int, torch.Tensor], groups: di
             update[i] = f if r is None else r
             continue
         dot, sf, sr = scope_scalars[scope_of(i)]
-        u = f + r
         if apply and dot < 0 and sf > 0 and sr > 0:
-            u = u - (dot / sr) * r - (dot / sf) * f   # g_f' + g_r' (two tasks: order-free)
-        update[i] = u
+            # g_f' + g_r' = (1 − d/‖g_f‖²)·g_f + (1 − d/‖g_r‖²)·g_r (two tasks: order-free)
+            cf, cr = 1 - dot / sf, 1 - dot / sr
+        else:
+            cf, cr = 1.0, 1.0
+        update[i] = (f * cf).add_(r, alpha=cr) if not inplace else f.mul_(cf).add_(r, alpha=cr)
     for row in rows:
         row["pcgrad_applied"] = bool(apply and row["conflict"] and (scope == "global" and row["group"] == "global"
                                                                     or scope == "group" and row["group"] != "global"))

@@ -141,27 +141,55 @@ def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = No
                           position_ids=pos[sel], output_hidden_states=want_hidden, use_cache=False))
     if cap is not None:
         cap.rows = None
-    hidden = None
     if chunks is None:
-        logits = outs[0].logits                                           # (N, T, V)
-        hidden = outs[0].hidden_states[rmu_layer + 1] if want_hidden else None
+        out = outs[0]
+        nll, mask = fn.token_nll(out.logits, batch.labels)
+        fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
+                        hidden=out.hidden_states[rmu_layer + 1] if want_hidden else None)
     else:
-        order = torch.cat(chunks)
-        inv = None if bool((order[1:] > order[:-1]).all()) else torch.argsort(order)
-        logits = torch.cat([o.logits for o in outs])
-        logits = logits if inv is None else logits[inv]
-        if want_hidden:
-            hidden = torch.cat([o.hidden_states[rmu_layer + 1] for o in outs])
-            hidden = hidden if inv is None else hidden[inv]
-    nll, mask = fn.token_nll(logits, batch.labels)
-    fo = ForwardOut(nll, mask, logits, batch.labels, batch.segments, hidden=hidden)
+        fo = _chunked(outs, chunks, batch, rmu_layer if want_hidden else None)
     if method.needs_ref:
         with torch.no_grad():
             r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                     output_hidden_states=want_hidden, use_cache=False)
-        fo.ref_nll, _ = fn.token_nll(r.logits, batch.labels)
-        fo.ref_logits = r.logits if method.needs_ref_logits else None
-        fo.ref_hidden = r.hidden_states[rmu_layer + 1] if want_hidden else None
+        for x in [fo, *(fo.views or [])]:
+            x.ref_nll, _ = fn.token_nll(r.logits, batch.labels)
+            x.ref_logits = r.logits if method.needs_ref_logits else None
+            x.ref_hidden = r.hidden_states[rmu_layer + 1] if want_hidden else None
+    return fo
+
+
+def split_parts(method: Method, fo: ForwardOut, control) -> Parts:
+    """The method's parts with the forget part from the forget-side chunk's view and the retain
+    part from the retain chunk's view (see :func:`part_rows`)."""
+    a, b = method.parts(fo.views[0], control), method.parts(fo.views[1], control)
+    return Parts(a.forget, b.retain, method.gamma * a.forget + method.alpha * b.retain,
+                 a.instance_weight, a.token_weight)
+
+
+def _chunked(outs, chunks: list[torch.Tensor], batch: Batch, hidden_layer: int | None) -> ForwardOut:
+    """Reassemble per-chunk outputs in row order, plus one view per chunk in which the other chunks'
+    rows are detached: a part computed on view k back-propagates through chunk k only (a
+    concatenation would send zero gradients through every chunk)."""
+    order = torch.cat(chunks)
+    inv = None if bool((order[1:] > order[:-1]).all()) else torch.argsort(order)
+
+    def assemble(ts):
+        t = torch.cat(ts)
+        return t if inv is None else t[inv]
+
+    per = [fn.token_nll(o.logits, batch.labels[idx]) for o, idx in zip(outs, chunks)]   # (n_k, T-1) each
+    mask = assemble([m for _, m in per])
+    hid = [o.hidden_states[hidden_layer + 1] for o in outs] if hidden_layer is not None else None
+    views = []
+    for k in range(len(outs)):
+        def own(ts, k=k):
+            return assemble([t if j == k else t.detach() for j, t in enumerate(ts)])
+        views.append(ForwardOut(own([n for n, _ in per]), mask, own([o.logits for o in outs]), batch.labels,
+                                batch.segments, hidden=own(hid) if hid is not None else None))
+    fo = ForwardOut(assemble([n for n, _ in per]), mask, None, batch.labels, batch.segments,
+                    hidden=assemble(hid) if hid is not None else None)
+    fo.views, fo.logit_leaves, fo.row_inv = views, [o.logits for o in outs], inv
     return fo
 
 
@@ -392,7 +420,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                     # with the backward split into parts, each part's rows get their own forward
                     fo = forward(model, ref, batch, method, st["rmu_layer"],
                                  part_rows(batch.segments) if split else None, cap)
-                    parts = method.parts(fo, st["control"])
+                    parts = split_parts(method, fo, st["control"]) if split else method.parts(fo, st["control"])
                     loss = parts.total / cfg.grad_accum
                     backprop = loss.backward
                     if split:  # the same backward, run once per minimised part: γ·L_f and α·L_r
@@ -418,7 +446,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 acc["nll_retain"] += fn.nll_loss(*fo.seg("retain")).item() / cfg.grad_accum
                 wsum = weight_summary(parts)
             if split:
-                update, stats = combine(*part_grads, groups_of, cfg.pcgrad_scope, apply=method.pcgrad)
+                update, stats = combine(*part_grads, groups_of, cfg.pcgrad_scope, apply=method.pcgrad,
+                                        inplace=True)
                 for p in params:
                     p.grad = update.get(id(p))
                 del update, part_grads
@@ -439,11 +468,12 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             if tokens_due and snapshot is None:   # along ∇L, at the weights before the step
                 effects = [src.effects(model, V) for src in token_src]
             opt.step()
-            if snapshot is not None:
+            if snapshot is not None and tokens_due:   # along the update, at the weights before it
                 V = {id(p): (snapshot[id(p)] - p.detach()) / lr for p in params}  # −Δθ/η
-                if tokens_due:                     # along the update, at the weights before it
-                    before_step = {n: snapshot[id(p)] for n, p in model.named_parameters() if id(p) in snapshot}
-                    effects = [src.effects(model, V, before_step) for src in token_src]
+                before_step = {n: snapshot[id(p)] for n, p in model.named_parameters() if id(p) in snapshot}
+                effects = [src.effects(model, V, before_step) for src in token_src]
+            elif snapshot is not None:                # −Δθ/η, built in the snapshot's buffers
+                V = {id(p): snapshot[id(p)].sub_(p.detach()).div_(lr) for p in params}
             for k, src in enumerate(token_src):
                 token_rows += src.records(step, tok, effects[k] if effects is not None else None)
             if engine:

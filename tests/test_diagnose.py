@@ -130,3 +130,13 @@ def test_diagnose_cli_writes_json_csv_and_figure(tmp_path, capsys):
     assert main(["diagnose", "--model", "tiny-gpt2", "--methods", "nope", "--memorize", "no"]) == 2
     assert main(["diagnose", "--model", "tiny-gpt2", "--methods", "ga", "--memorize", "no", "--out", str(out),
                  "--no-progress"]) == 2     # refuses to overwrite
+
+
+def test_agreement_statistics():
+    from geffect.diagnose import agreement
+    recs = [{"predicted_forget_risk_change": p, "nll_forget_change": m, "predicted_retain_risk_change": -p,
+             "nll_retain_change": m2} for p, m, m2 in [(0.1, 0.05, 0.3), (0.2, 0.07, -0.1), (0.4, 0.3, 0.2),
+                                                       (-0.1, -0.02, 0.0)]]
+    a = agreement(recs)
+    assert a["nll_forget_change"] == {"spearman": pytest.approx(1.0), "sign_agreement": 1.0}
+    assert -1 <= a["nll_retain_change"]["spearman"] <= 1

@@ -215,7 +215,7 @@ def test_engine_values_unchanged_by_split_backward(tiny, spec):
     from geffect.engine import Engine
     from geffect.models import frozen_reference
     from geffect.objectives import functional as fn
-    from geffect.unlearn import Data, backward_parts, forward, make_batch, part_rows
+    from geffect.unlearn import Data, backward_parts, forward, make_batch, part_rows, split_parts
 
     sp = default_splits(0)
     method = parse_method(spec)
@@ -231,7 +231,7 @@ def test_engine_values_unchanged_by_split_backward(tiny, spec):
         with eng.capture() as cap:
             chunks = part_rows(batch.segments) if split else None   # as the loop does: one forward per part
             fo = forward(tiny.model, ref, batch, method, 1 if method.needs_hidden else None, chunks, cap)
-            parts = method.parts(fo, control)
+            parts = split_parts(method, fo, control) if split else method.parts(fo, control)
             grads = ({}, {})
             bp = partial(backward_parts, [method.gamma * parts.forget, method.alpha * parts.retain], grads,
                          params) if split else None

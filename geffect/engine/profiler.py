@@ -127,7 +127,7 @@ class Engine:
         rows = torch.cat([torch.arange(f.start, f.stop), torch.arange(r.start, r.stop)])
         c = None
         if self.cfg.reuse_backward and not uses_hidden:
-            gL, gR = (torch.autograd.grad(x, fo.logits, retain_graph=True, allow_unused=True)[0] for x in (loss, R))
+            gL, gR = fo.logit_grads(loss), fo.logit_grads(R)
             if gL is not None:
                 c = proportional(gL[rows], gR[rows])
         if c is None:
@@ -207,10 +207,10 @@ class Engine:
 
 def proportional(gL: torch.Tensor, gR: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor | None:
     """Per-row c_i with gL_i = c_i·gR_i (rows flattened), or None if any row is not proportional."""
-    a, b = gL.reshape(len(gL), -1).double(), gR.reshape(len(gR), -1).double()
-    c = (a * b).sum(1) / (b * b).sum(1).clamp_min(1e-300)
-    resid = (a - c[:, None] * b).norm(dim=1)
-    if (c == 0).any() or (resid > rtol * a.norm(dim=1)).any():
+    a, b = gL.reshape(len(gL), -1), gR.reshape(len(gR), -1)     # float32: no float64 copy of (N, T·V)
+    c = ((a * b).sum(1).double() / (b * b).sum(1).double().clamp_min(1e-300))
+    resid = (a - c[:, None].to(a.dtype) * b).norm(dim=1).double()
+    if (c == 0).any() or (resid > rtol * a.norm(dim=1).double()).any():
         return None
     return c
 

@@ -56,6 +56,20 @@ class ForwardOut:
     ref_nll: torch.Tensor | None = None     # (N, T-1) under θ_o
     ref_logits: torch.Tensor | None = None  # (N, T, V) under θ_o (KL rows only are read)
     ref_hidden: torch.Tensor | None = None  # (N, T, d)
+    # forward run in row chunks (one per objective part): per-chunk views, the chunks' logits
+    # and the permutation putting their rows back in batch order (None: already in order)
+    views: list | None = None
+    logit_leaves: list | None = None
+    row_inv: torch.Tensor | None = None
+
+    def logit_grads(self, x: torch.Tensor) -> torch.Tensor | None:
+        """∂x/∂logits (N, T, V) in batch row order (None if x does not depend on the logits)."""
+        leaves = self.logit_leaves if self.logit_leaves is not None else [self.logits]
+        gs = torch.autograd.grad(x, leaves, retain_graph=True, allow_unused=True)
+        if all(g is None for g in gs):
+            return None
+        g = torch.cat([gi if gi is not None else torch.zeros_like(l) for gi, l in zip(gs, leaves)])
+        return g if self.row_inv is None else g[self.row_inv]
 
     def seg(self, name: str):
         s = self.segments[name]
