@@ -53,7 +53,7 @@ class DiagnoseConfig:
     lr: float = field(default=2e-5, metadata={"help": "learning rate of every candidate (no warm-up)"})
     forget_batch: int = field(default=2, metadata={"help": "forget samples per step (small: 44 candidates)"})
     retain_batch: int = field(default=2, metadata={"help": "retain samples per step"})
-    eval_retain: int = field(default=16, metadata={"help": "retain samples in the NLL check (plus the whole forget set)"})
+    eval_retain: int = field(default=8, metadata={"help": "retain samples in the NLL check (plus the whole forget set)"})
 
 
 # ---- ranking (pure functions on numbers) ------------------------------------------------------
@@ -120,7 +120,7 @@ def reasons(r: dict, records: list[dict]) -> list[str]:
     if not r["removal"] > 0:
         why.append("does not raise the forget risk (e_u ≥ 0)")
     share = r.get("share_unlearn", {})
-    if share.get("lm", 0) > 0.5:
+    if 0.5 < share.get("lm", 0) <= 1:
         why.append(f"removal dominated by the lm head ({100 * share['lm']:.0f}% of e_u)")
     neg = {g: v for g, v in r.get("e_r_groups", {}).items() if v < 0}
     if r["retention"] < 0 and neg:
@@ -170,7 +170,8 @@ def _candidate_record(method: str, summary: dict, steps: int, lr_of) -> dict:
            "e_r_groups": {g: cum.get(("retain", g), 0.0) for g in groups},
            "removal": pred["unlearn"], "retention": -pred["retain"],
            "predicted_forget_risk_change": pred["unlearn"], "predicted_retain_risk_change": pred["retain"]}
-    rec["share_unlearn"] = {g: (v / e_u if e_u else float("nan")) for g, v in rec["e_u_groups"].items()}
+    # share of each group in the removal (only meaningful when the total removes: e_u < 0)
+    rec["share_unlearn"] = {g: (v / e_u if e_u < 0 else float("nan")) for g, v in rec["e_u_groups"].items()}
     b, a = summary["before"], summary["after"]
     rec["nll_forget_change"] = a["nll_forget"] - b["nll_forget"]
     rec["nll_retain_change"] = a["nll_retain"] - b["nll_retain"]
@@ -222,6 +223,8 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
         model.eval()
         before = evaluate(model)
         snap = _snapshot(model)
+        from geffect.models import frozen_reference
+        reference = frozen_reference(model)   # θ_o is the same for every candidate: one copy
         records, effect_rows, conflict_rows = [], [], []
         cfg = replace(base, steps=dcfg.steps, lr=dcfg.lr, warmup_steps=0, forget_batch=dcfg.forget_batch,
                       retain_batch=dcfg.retain_batch, grad_accum=1, epochs=None, memorize="no",
@@ -238,7 +241,8 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
                 calls.append(1)  # first call: the restored (verified) weights, whose NLL is ``before``
                 return before if len(calls) == 1 else evaluate(m)
 
-            summary = unlearn(replace(cfg, method=method), loaded=loaded, profile=prof, evaluate=evaluate_once)
+            summary = unlearn(replace(cfg, method=method), loaded=loaded, profile=prof, evaluate=evaluate_once,
+                              reference=reference)
             rec = _candidate_record(method, summary, dcfg.steps, lambda step: dcfg.lr)
             rec["restored_exactly"] = True
             rec["seconds"] = time.perf_counter() - tc

@@ -245,7 +245,8 @@ def lr_at(step: int, cfg: UnlearnConfig) -> float:
     return cfg.lr
 
 
-def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel | None = None):
+def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel | None = None,
+            reference=None):
     """Load data, model (memorised if asked), reference and method. Returns a dict of parts."""
     set_seed(cfg.seed)
     method = parse_method(cfg.method, hyper)
@@ -280,7 +281,7 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
         model.requires_grad_(False)
         for b in blocks[max(0, rmu_layer - 2): rmu_layer + 1]:
             b.requires_grad_(True)
-    ref = frozen_reference(model) if method.needs_ref else None
+    ref = (reference if reference is not None else frozen_reference(model)) if method.needs_ref else None
     control = None
     if method.needs_hidden:
         control = fn.rmu_control(model.config.hidden_size, method.hyper.rmu_coeff, cfg.seed)
@@ -365,19 +366,21 @@ def instance_weights(parts: Parts) -> torch.Tensor | None:
 
 
 def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = None,
-            overwrite: bool = False, loaded: LoadedModel | None = None, profile=None, evaluate=None) -> dict:
+            overwrite: bool = False, loaded: LoadedModel | None = None, profile=None, evaluate=None,
+            reference=None) -> dict:
     """Run unlearning; write the run directory ``out`` (if given). Returns a summary dict.
 
     ``profile`` (a :class:`geffect.engine.ProfileConfig`) turns on the G-effect engine: the same
     forward and backward that train the model yield per-group and per-instance G-effects, written
     to ``geffect.csv`` and ``instances.csv``. ``evaluate(model) -> dict`` replaces the before/after
     evaluation (default: NLL of the forget set, the retain set and the perturbed forget answers).
+    ``reference`` is a frozen copy of the *starting* weights to use as θ_o instead of a new copy.
     """
     from contextlib import nullcontext
 
     run = RunDir(out, overwrite) if out else None
     try:
-        st = prepare(cfg, hyper, loaded)
+        st = prepare(cfg, hyper, loaded, reference)
         method, data, model, tok, ref = st["method"], st["data"], st["model"], st["tok"], st["ref"]
         evaluate = evaluate or (lambda m: default_evaluation(m, tok, data, cfg.max_length))
         before = evaluate(model)
