@@ -76,17 +76,17 @@ def step_conflicts(s):
     from functools import partial
 
     from geffect.surgery import combine, param_groups
-    from geffect.unlearn import backward_parts, forward, part_rows
+    from geffect.unlearn import backward_parts, forward, part_rows, split_parts
     eng, method, model = s["engine"], s["method"], s["model"]
     params = [p for p in model.parameters() if p.requires_grad]
     s["opt"].zero_grad(set_to_none=True)
     grads = ({}, {})
     with eng.capture() as cap:
         fo = forward(model, s["ref"], s["batch"], method, None, part_rows(s["batch"].segments), cap)
-        parts = method.parts(fo)
+        parts = split_parts(method, fo, None)
         eng.backward(cap, fo, parts.total, False,
                      partial(backward_parts, [method.gamma * parts.forget, method.alpha * parts.retain], grads, params))
-    update, _ = combine(*grads, param_groups(model, eng.assignment), "global", apply=False)
+    update, _ = combine(*grads, param_groups(model, eng.assignment), "global", apply=False, inplace=True)
     for p in params:
         p.grad = update.get(id(p))
     del update, grads
