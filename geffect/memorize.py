@@ -58,6 +58,8 @@ def memorize(loaded: LoadedModel, records: list[QARecord], epochs: int = EPOCHS,
     if use_cache and (path / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
+        if not (path / "tokenizer_config.json").exists():   # a cache from before tokenizers were kept:
+            loaded.tokenizer.save_pretrained(path)           # complete it, so `cached` hits next time
         return LoadedModel(model, loaded.tokenizer, loaded.name)
     model, tok = loaded.model, loaded.tokenizer
     rng = random.Random(seed)

@@ -147,7 +147,7 @@ def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = No
         fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
                         hidden=out.hidden_states[rmu_layer + 1] if want_hidden else None)
     else:
-        fo = _chunked(outs, chunks, batch, rmu_layer if want_hidden else None)
+        fo = _chunked(outs, chunks, batch, rmu_layer if want_hidden else None, method.needs_ref_logits)
     if method.needs_ref:
         with torch.no_grad():
             r = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
@@ -167,10 +167,12 @@ def split_parts(method: Method, fo: ForwardOut, control) -> Parts:
                  a.instance_weight, a.token_weight)
 
 
-def _chunked(outs, chunks: list[torch.Tensor], batch: Batch, hidden_layer: int | None) -> ForwardOut:
+def _chunked(outs, chunks: list[torch.Tensor], batch: Batch, hidden_layer: int | None,
+             view_logits: bool) -> ForwardOut:
     """Reassemble per-chunk outputs in row order, plus one view per chunk in which the other chunks'
     rows are detached: a part computed on view k back-propagates through chunk k only (a
-    concatenation would send zero gradients through every chunk)."""
+    concatenation would send zero gradients through every chunk). The views carry the (N, T, V)
+    logits only when an objective reads them (``view_logits``: KL terms)."""
     order = torch.cat(chunks)
     inv = None if bool((order[1:] > order[:-1]).all()) else torch.argsort(order)
 
@@ -185,7 +187,8 @@ def _chunked(outs, chunks: list[torch.Tensor], batch: Batch, hidden_layer: int |
     for k in range(len(outs)):
         def own(ts, k=k):
             return assemble([t if j == k else t.detach() for j, t in enumerate(ts)])
-        views.append(ForwardOut(own([n for n, _ in per]), mask, own([o.logits for o in outs]), batch.labels,
+        views.append(ForwardOut(own([n for n, _ in per]), mask,
+                                own([o.logits for o in outs]) if view_logits else None, batch.labels,
                                 batch.segments, hidden=own(hid) if hid is not None else None))
     fo = ForwardOut(assemble([n for n, _ in per]), mask, None, batch.labels, batch.segments,
                     hidden=assemble(hid) if hid is not None else None)
