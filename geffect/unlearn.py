@@ -162,7 +162,7 @@ def forward(model, ref, batch: Batch, method: Method, rmu_layer: int | None = No
 def split_parts(method: Method, fo: ForwardOut, control) -> Parts:
     """The method's parts with the forget part from the forget-side chunk's view and the retain
     part from the retain chunk's view (see :func:`part_rows`)."""
-    a, b = method.parts(fo.views[0], control), method.parts(fo.views[1], control)
+    a, b = method.parts(fo.views[0], control, retain_part=False), method.parts(fo.views[1], control)
     return Parts(a.forget, b.retain, method.gamma * a.forget + method.alpha * b.retain,
                  a.instance_weight, a.token_weight)
 

@@ -137,7 +137,8 @@ class Method:
             return self.hyper.rmu_layer
         return max(0, min(num_layers - 1, round(num_layers / 4)))
 
-    def parts(self, out: ForwardOut, control: torch.Tensor | None = None) -> Parts:
+    def parts(self, out: ForwardOut, control: torch.Tensor | None = None, retain_part: bool = True) -> Parts:
+        """The parts on one forward's output; ``retain_part=False`` skips the retain part (L_r = None)."""
         h = self.hyper
         nf, mf = out.seg("forget")
         iw = tw = None
@@ -171,7 +172,7 @@ class Method:
             raise MethodError(f"unknown forget objective {f!r}")
 
         lr = None
-        r = "kl" if f == "llmu" else ("rmu" if f == "rmu" else self.retain)
+        r = ("kl" if f == "llmu" else ("rmu" if f == "rmu" else self.retain)) if retain_part else None
         if r == "gd":
             lr = fn.nll_loss(*out.seg("retain"))
         elif r == "kl":
