@@ -52,6 +52,17 @@ def shade_target(ax, risk: str, label: bool = True) -> None:
     ax.axhline(0, color="0.3", lw=0.8, zorder=1)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Labels, title, grid and legend of a one-panel figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _group_order(df: pd.DataFrame) -> list[str]:
     groups = list(dict.fromkeys(df["group"]))
     return [g for g in groups if g != "total"] + (["total"] if "total" in groups else [])
@@ -119,13 +130,8 @@ def nll_curves(run: RunRecords):
         if key in b and key in a:
             ax.plot([-0.5, last + 0.5], [b[key], a[key]], ls="none", marker="D", color=color, markersize=7,
                     markeredgecolor="black", label=f"{name}, before → after")
-    ax.set_xlabel("unlearning step")
-    ax.set_ylabel("answer NLL (nats per token)")
-    ax.set_title(f"Forget and retain NLL: {run.method} (forget should rise, retain stay low)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "unlearning step", "answer NLL (nats per token)",
+                   f"Forget and retain NLL: {run.method} (forget should rise, retain stay low)")
 
 
 def weights(run: RunRecords):
@@ -142,13 +148,8 @@ def weights(run: RunRecords):
             ax.plot(s["step"], s[col], color="#9467bd", ls=ls, lw=1, label=col.replace("weight_", "") + " weight")
     ax.axhline(1.0, color="0.4", lw=0.8, ls="-.", label="w = 1 (θ = θ_o for NPO-family)")
     per = "token" if run.method.split("+")[0] in ("wga", "tnpo", "wtnpo") else "instance"
-    ax.set_xlabel("unlearning step")
-    ax.set_ylabel(f"per-{per} weight of the forget objective")
-    ax.set_title(f"Objective weights over steps: {run.method}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "unlearning step", f"per-{per} weight of the forget objective",
+                   f"Objective weights over steps: {run.method}")
 
 
 def pg_effect_density(run: RunRecords):
@@ -404,13 +405,8 @@ def compare_conflicts(runs: list[RunRecords]):
                 label=f"{label} ({100 * frac:.0f}% of steps in conflict)")
     ax.axhspan(ax.get_ylim()[0], 0, color="#d62728", alpha=0.06, label="conflict (cosine < 0)")
     ax.axhline(0, color="0.3", lw=0.8)
-    ax.set_xlabel("unlearning step")
-    ax.set_ylabel("cos(g_forget, g_retain), all parameters")
-    ax.set_title("Conflict between the forget and retain parts by method")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "unlearning step", "cos(g_forget, g_retain), all parameters",
+                   "Conflict between the forget and retain parts by method")
 
 
 def _symlog_coords(v: np.ndarray) -> np.ndarray:
