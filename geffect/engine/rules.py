@@ -37,7 +37,15 @@ def linear_rule(mod, inputs, g, V) -> torch.Tensor:
     a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)
     out = torch.zeros(g.shape[0], dtype=torch.float32)
     if "weight" in V:
-        out = out + ((a @ V["weight"].T) * g).sum((1, 2))   # Σ_t g_tᵀ V a_t
+        live = g.abs().amax(-1) > 0                         # (N, T): positions with a cotangent
+        if live.float().mean() < 0.6:
+            # Position-local cotangents (the lm head and the last block see only the answer
+            # tokens' loss): the inner product over the live positions only.
+            n_idx, t_idx = live.nonzero(as_tuple=True)
+            prod = ((a[n_idx, t_idx] @ V["weight"].T) * g[n_idx, t_idx]).sum(-1)   # (K,)
+            out = out.index_add(0, n_idx, prod.float())
+        else:
+            out = out + ((a @ V["weight"].T) * g).sum((1, 2))   # Σ_t g_tᵀ V a_t
     if "bias" in V:
         out = out + g.sum(1) @ V["bias"]
     return out
