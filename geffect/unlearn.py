@@ -428,13 +428,13 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                                  part_rows(batch.segments) if split else None, cap)
                     parts = split_parts(method, fo, st["control"]) if split else method.parts(fo, st["control"])
                     loss = parts.total / cfg.grad_accum
+                    forget_part = method.gamma * parts.forget / cfg.grad_accum          # γ·L_f
                     backprop = loss.backward
                     if split:  # the same backward, run once per minimised part: γ·L_f and α·L_r
-                        backprop = partial(backward_parts, [method.gamma * parts.forget / cfg.grad_accum,
-                                                            method.alpha * parts.retain / cfg.grad_accum],
+                        backprop = partial(backward_parts, [forget_part, method.alpha * parts.retain / cfg.grad_accum],
                                            part_grads, params)
                     if engine and profile.pairs_every > 0 and step % profile.pairs_every == 0:
-                        pairs = engine.instance_pairs(cap, fo, method.gamma * parts.forget / cfg.grad_accum)
+                        pairs = engine.instance_pairs(cap, fo, forget_part)
                         pair_rows += engine.pair_records(step, pairs, [index[id(r)] for r in fb],
                                                          instance_weights(parts))
                     if engine:

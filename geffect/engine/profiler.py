@@ -173,7 +173,6 @@ class Engine:
 
     def capture_probe(self, probe) -> Capture:
         """Forward the fixed probe set at the current weights and capture its risk cotangents."""
-        from geffect.objectives import functional as fn
         with self.capture() as cap:
             pos = torch.arange(probe.input_ids.shape[1]).expand_as(probe.input_ids)
             logits = self.model(input_ids=probe.input_ids, attention_mask=probe.attention_mask,

@@ -15,32 +15,27 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _draw(figures: dict, arg, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fn in figures.items():
+        fig = fn(arg)
+        if fig is not None:
+            paths.append(_save(fig, out / f"{name}.png"))
+    return paths
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Every figure the run's records allow, as PNGs in ``out`` (default RUN_DIR/figures)."""
     from geffect.plots.figures import RUN_FIGURES
     run = load_run(run_dir)
-    out = Path(out) if out else run.path / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fn in RUN_FIGURES.items():
-        fig = fn(run)
-        if fig is not None:
-            paths.append(_save(fig, out / f"{name}.png"))
-    return paths
+    return _draw(RUN_FIGURES, run, Path(out) if out else run.path / "figures")
 
 
 def plot_comparison(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     """The comparison panels (one colour per method) for several runs, as PNGs in ``out``."""
     from geffect.plots.figures import COMPARE_FIGURES
-    runs = [load_run(d) for d in run_dirs]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fn in COMPARE_FIGURES.items():
-        fig = fn(runs)
-        if fig is not None:
-            paths.append(_save(fig, out / f"{name}.png"))
-    return paths
+    return _draw(COMPARE_FIGURES, [load_run(d) for d in run_dirs], Path(out))
 
 
 def write_report(run_dir: str | Path, figures: list[Path] | None = None) -> Path:
