@@ -192,7 +192,7 @@ def _chunked(outs, chunks: list[torch.Tensor], batch: Batch, hidden_layer: int |
                                 batch.segments, hidden=own(hid) if hid is not None else None))
     fo = ForwardOut(assemble([n for n, _ in per]), mask, None, batch.labels, batch.segments,
                     hidden=assemble(hid) if hid is not None else None)
-    fo.views, fo.logit_leaves, fo.row_inv = views, [o.logits for o in outs], inv
+    fo.views, fo.nll_leaves, fo.row_inv = views, [n for n, _ in per], inv
     return fo
 
 

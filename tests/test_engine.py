@@ -126,6 +126,31 @@ def test_ga_unlearning_effect_is_minus_squared_norm(tiny):
     assert abs(e_u + sq) <= 1e-5 * sq
 
 
+def test_reuse_only_when_the_loss_reads_the_model_through_the_nll(tiny):
+    """A loss whose NLL cotangents are proportional to the risk's but that also reads the logits
+    directly must not reuse the training backward: the graph check sends it to the extra backward,
+    and its values equal the extra backward's (validated against autograd above)."""
+    method = parse_method("gd")
+    data = _data()
+    model = tiny.model
+    batch = make_batch(tiny.tokenizer, method, data.forget, data.retain, data, random.Random(0), 96)
+    res, paths = [], []
+    for reuse in (True, False):
+        eng = Engine(model, ProfileConfig(reuse_backward=reuse))
+        with eng.capture() as cap:
+            fo = forward(model, None, batch, method)
+            plain = method.parts(fo).total
+            assert fo.reads_model_only_through_nll(plain)
+            loss = plain + 1e-2 * fo.logits[batch.segments["retain"]].pow(2).mean()   # direct logit read
+            assert not fo.reads_model_only_through_nll(loss)
+            model.zero_grad()
+            paths.append(eng.backward(cap, fo, loss))
+        res.append(eng.measure(cap, batch.segments, eng.direction_from_grads()))
+    assert paths == ["extra", "extra"]
+    for split in res[0]:
+        assert torch.allclose(res[0][split], res[1][split], rtol=1e-5, atol=1e-7)
+
+
 def test_padding_changes_no_effect(tiny):
     method = parse_method("npo+gd")
     data = _data()

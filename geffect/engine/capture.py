@@ -117,20 +117,24 @@ class Capture:
             if not local or grad is None:
                 continue
             n_chunk = grad.shape[0]
-            if rec.rows is None:
-                sel, dest = torch.arange(rows.start, rows.stop), torch.arange(n)
+            if rec.rows is None:            # one forward over all rows: a slice is a view, no copy
+                sel, dest = rows, None
             else:
                 hit = (rec.rows >= rows.start) & (rec.rows < rows.stop)
-                sel, dest = hit.nonzero().flatten(), rec.rows[hit] - rows.start
-            if len(sel) == 0:
-                continue
+                if not hit.any():
+                    continue
+                sel = slice(None) if hit.all() else hit.nonzero().flatten()
+                dest = rec.rows[hit] - rows.start
             inputs = tuple(x[sel] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
                            for x in rec.inputs)
             with torch.no_grad():
-                vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()
+                vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()     # (n_sel,)
             g = self.assignment[name]
             acc = out.setdefault(g, torch.zeros(n))
-            acc.index_add_(0, dest, vals)
+            if dest is None:
+                acc += vals
+            else:
+                acc.index_add_(0, dest, vals)
         if cotangents is None and self.row_scale is not None:
             scale = self.row_scale[rows].float()
             out = {g: v * scale for g, v in out.items()}

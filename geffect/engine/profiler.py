@@ -89,12 +89,13 @@ class Engine:
 
         Returns {"forget": (n_f, G) tensor, "retain": (n_r, G) tensor} in ``self.groups`` order.
         """
-        res = {}
-        for split in ("forget", "retain"):
-            vals = cap.inner_products(V, segments[split])
-            n = segments[split].stop - segments[split].start
-            res[split] = torch.stack([vals.get(g, torch.zeros(n)) for g in self.groups], dim=1)
-        return res
+        f, r = segments["forget"], segments["retain"]
+        span = slice(min(f.start, r.start), max(f.stop, r.stop))    # one pass over both splits' rows
+        vals = cap.inner_products(V, span)
+        n = span.stop - span.start
+        table = torch.stack([vals.get(g, torch.zeros(n)) for g in self.groups], dim=1)   # (n, G)
+        return {split: table[s.start - span.start:s.stop - span.start] for split, s in (("forget", f),
+                                                                                         ("retain", r))}
 
     def summarise(self, per_instance: dict) -> dict:
         """Batch G-effects: e = mean over the split's instances, per group and total."""
@@ -114,10 +115,12 @@ class Engine:
                  backprop=None) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
-        ``reuse``: if on every forget/retain row the loss's cotangent at the logits is c_i times the
-        risk's (checked numerically, c_i ≠ 0), the rows' cotangents at every module are c_i times the
-        risk's too (backprop is linear and rows do not interact), so the training backward's own
-        cotangents divided by c_i are the risk's: no extra backward. ``extra``: one backward of R
+        ``reuse``: if the loss reads the model only through the per-token NLL and on every
+        forget/retain row its cotangent at the NLL is c_i times the risk's (checked numerically on
+        the (N, T-1) answer tokens, c_i ≠ 0), the rows' cotangents at the logits and at every module
+        are c_i times the risk's too (each nll_{i,t} depends on its own position's logits only;
+        backprop is linear and rows do not interact), so the training backward's own cotangents
+        divided by c_i are the risk's: no extra backward. ``extra``: one backward of R
         to the module outputs (no weight gradients), then the training backward.
         ``backprop`` runs the training backward (default ``loss.backward()``); it may split it into
         the objective's parts (PCGrad, conflict statistics): the stashed cotangents add up.
@@ -126,10 +129,10 @@ class Engine:
         R, f, r = risk_rows(fo)
         rows = torch.cat([torch.arange(f.start, f.stop), torch.arange(r.start, r.stop)])
         c = None
-        if self.cfg.reuse_backward and not uses_hidden:
-            gL, gR = fo.logit_grads(loss), fo.logit_grads(R)
+        if self.cfg.reuse_backward and not uses_hidden and fo.reads_model_only_through_nll(loss):
+            gL, gR = fo.nll_grads(loss), fo.nll_grads(R)                 # (N, T-1) each
             if gL is not None:
-                c = proportional(gL[rows], gR[rows])
+                c = proportional((gL * fo.mask)[rows], (gR * fo.mask)[rows])
         if c is None:
             cap.risk_grads(R)
             backprop()

@@ -56,20 +56,39 @@ class ForwardOut:
     ref_nll: torch.Tensor | None = None     # (N, T-1) under θ_o
     ref_logits: torch.Tensor | None = None  # (N, T, V) under θ_o (KL rows only are read)
     ref_hidden: torch.Tensor | None = None  # (N, T, d)
-    # forward run in row chunks (one per objective part): per-chunk views, the chunks' logits
+    # forward run in row chunks (one per objective part): per-chunk views, the chunks' NLL tensors
     # and the permutation putting their rows back in batch order (None: already in order)
     views: list | None = None
-    logit_leaves: list | None = None
+    nll_leaves: list | None = None
     row_inv: torch.Tensor | None = None
 
-    def logit_grads(self, x: torch.Tensor) -> torch.Tensor | None:
-        """∂x/∂logits (N, T, V) in batch row order (None if x does not depend on the logits)."""
-        leaves = self.logit_leaves if self.logit_leaves is not None else [self.logits]
+    def _leaves(self) -> list[torch.Tensor]:
+        return self.nll_leaves if self.nll_leaves is not None else [self.nll]
+
+    def nll_grads(self, x: torch.Tensor) -> torch.Tensor | None:
+        """∂x/∂nll (N, T-1) in batch row order (None if x does not depend on the NLL). Cheap: the
+        backward stops at the per-token NLL, before the (N, T, V) logits."""
+        leaves = self._leaves()
         gs = torch.autograd.grad(x, leaves, retain_graph=True, allow_unused=True)
         if all(g is None for g in gs):
             return None
         g = torch.cat([gi if gi is not None else torch.zeros_like(l) for gi, l in zip(gs, leaves)])
         return g if self.row_inv is None else g[self.row_inv]
+
+    def reads_model_only_through_nll(self, x: torch.Tensor) -> bool:
+        """Whether every path of x's autograd graph back to the parameters passes through the
+        per-token NLL (no direct read of logits or hidden states). Walks the graph above the NLL."""
+        stop = {leaf.grad_fn for leaf in self._leaves()}
+        seen, todo = set(), [x.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            if type(node).__name__ == "AccumulateGrad":   # reached a parameter another way
+                return False
+            seen.add(node)
+            todo.extend(nxt for nxt, _ in node.next_functions)
+        return True
 
     def seg(self, name: str):
         s = self.segments[name]
