@@ -358,6 +358,19 @@ class TokenSource:
         return rows
 
 
+def step_records(engine, step: int, captured: list, probe, probe_cap, V: dict, effect_rows: list,
+                 instance_rows: list) -> None:
+    """Append one step's G-effect and per-instance rows (batch, and the probe set when captured);
+    releases the captured tensors."""
+    er, ir = engine.records(step, captured, V)
+    if probe_cap is not None:
+        er2, ir2 = engine.records(step, [(probe_cap, probe.segments, probe.forget_index, probe.retain_index,
+                                          None)], V, source="probe")
+        er, ir = er + er2, ir + ir2
+    effect_rows.extend(er)
+    instance_rows.extend(ir)
+
+
 def instance_weights(parts: Parts) -> torch.Tensor | None:
     """Per forget instance: the NPO-family weight, or the mean token weight over answer tokens."""
     if parts.instance_weight is not None:
@@ -465,32 +478,31 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             if probe is not None and step % profile.probe_every == 0:
                 probe_cap = engine.capture_probe(probe)
             V = engine.direction_from_grads() if engine else None
-            snapshot = ({id(p): p.detach().clone() for p in params}
-                        if engine and profile.direction == "update" else None)
+            tokens_due = engine is not None and profile.tokens_every > 0 and step % profile.tokens_every == 0
+            effects, snapshot = None, None
+
+            if engine and profile.direction == "grad":
+                # along the raw ∇L, at the weights before the step and before clipping scales the
+                # gradients in place; the captured tensors are freed before the optimizer allocates
+                if tokens_due:
+                    effects = [src.effects(model, V) for src in token_src]
+                step_records(engine, step, captured, probe, probe_cap, V, effect_rows, instance_rows)
+            elif engine:
+                snapshot = {id(p): p.detach().clone() for p in params}
             if cfg.clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            tokens_due = engine is not None and profile.tokens_every > 0 and step % profile.tokens_every == 0
-            effects = None
-            if tokens_due and snapshot is None:   # along ∇L, at the weights before the step
-                effects = [src.effects(model, V) for src in token_src]
             opt.step()
-            if snapshot is not None and tokens_due:   # along the update, at the weights before it
-                V = {id(p): (snapshot[id(p)] - p.detach()) / lr for p in params}  # −Δθ/η
-                before_step = {n: snapshot[id(p)] for n, p in model.named_parameters() if id(p) in snapshot}
-                effects = [src.effects(model, V, before_step) for src in token_src]
-            elif snapshot is not None:                # −Δθ/η, built in the snapshot's buffers
-                V = {id(p): snapshot[id(p)].sub_(p.detach()).div_(lr) for p in params}
+            if snapshot is not None:   # along the update −Δθ/η, at the weights before it
+                if tokens_due:
+                    V = {id(p): (snapshot[id(p)] - p.detach()) / lr for p in params}
+                    before_step = {n: snapshot[id(p)] for n, p in model.named_parameters() if id(p) in snapshot}
+                    effects = [src.effects(model, V, before_step) for src in token_src]
+                else:                  # built in the snapshot's buffers
+                    V = {id(p): snapshot[id(p)].sub_(p.detach()).div_(lr) for p in params}
+                step_records(engine, step, captured, probe, probe_cap, V, effect_rows, instance_rows)
             for k, src in enumerate(token_src):
                 token_rows += src.records(step, tok, effects[k] if effects is not None else None)
-            if engine:
-                er, ir = engine.records(step, captured, V)
-                if probe_cap is not None:
-                    er2, ir2 = engine.records(step, [(probe_cap, probe.segments, probe.forget_index,
-                                                      probe.retain_index, None)], V, source="probe")
-                    er, ir = er + er2, ir + ir2
-                effect_rows += er
-                instance_rows += ir
-                del captured, probe_cap, V, snapshot
+            del captured, probe_cap, V, snapshot
             row = {"step": step, **acc, "lr": lr, **wsum, "time_s": time.perf_counter() - t0}
             if parts.retain is None:
                 row["loss_retain"] = float("nan")

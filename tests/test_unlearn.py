@@ -121,3 +121,28 @@ def test_cached_memorised_model_skips_base_load(small_data, monkeypatch):
     assert calls == []
     for (n, p), (_, q) in zip(first["model"].named_parameters(), second["model"].named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_clipping_leaves_the_grad_direction_raw_and_scales_the_update(small_data):
+    """Direction 'grad' is the paper's raw ∇L: clipping must not change it (records are taken before
+    clipping). Direction 'update' is the step taken: with SGD and an active clip it is ∇L times one
+    factor min(1, c/‖∇L‖), the same for every group, risk and instance."""
+    from geffect.engine import ProfileConfig
+    f, r = small_data
+
+    def run(clip, direction):
+        cfg = UnlearnConfig(method="npo+gd", model="tiny-llama", forget=f, retain=r, steps=1, lr=1e-2,
+                            warmup_steps=0, optimizer="sgd", clip=clip, progress=False, save_model=False)
+        prof = ProfileConfig(direction=direction, conflicts=False, pairs_every=0, tokens_every=0)
+        s = unlearn(cfg, profile=prof)
+        eff = pd.DataFrame(s["geffect"]).set_index(["risk", "group"])["value"]
+        inst = pd.DataFrame(s["instances"]).set_index(["split", "index"])["value"]
+        return pd.concat([eff, inst]).to_numpy()
+
+    raw = run(None, "grad")                 # ‖∇L‖ ≈ 50 on this model and batch
+    live = raw != 0                         # an empty group (a 2-block model has no 'deep') is 0
+    assert live.sum() > 10
+    assert torch.allclose(torch.tensor(run(10.0, "grad")), torch.tensor(raw), rtol=1e-6, atol=0)
+    ratio = run(10.0, "update")[live] / raw[live]
+    assert 0 < ratio.min() and ratio.max() < 0.5           # the clip is active
+    assert ratio.max() - ratio.min() <= 1e-5 * ratio.max()  # one factor for everything
