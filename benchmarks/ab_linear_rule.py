@@ -45,7 +45,7 @@ def main() -> None:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         del loaded
-        s = ob.setup(tmp, a.batch)
+        s = ob.setup(tmp, a.batch, keep_freed=True)
         ob.step_plain(s)
         ob.step_profiled(s)   # warm-up
         times = {"plain": [], "dense rule": [], "registered rule": []}

@@ -10,7 +10,11 @@ Variants (NPO+GD, AdamW, bundled data, forget batch = retain batch = B):
 Time: median over interleaved repeats. Peak memory: each variant in its own process, resident memory sampled during
 the steps (it includes the model, the reference copy and AdamW state).
 
-    python benchmarks/overhead.py [--batches 2 4] [--repeats 3]
+Allocator: the engine by default keeps freed memory in the process (geffect/engine/allocator.py);
+every variant of one measurement runs in processes with the same setting. ``--allocator both`` (the
+default) measures with the engine's setting ("kept") and with glibc's defaults ("default").
+
+    python benchmarks/overhead.py [--batches 2 4] [--repeats 3] [--allocator both|kept|default]
 """
 from __future__ import annotations
 
@@ -27,13 +31,14 @@ from pathlib import Path
 import torch
 
 
-def setup(model_dir: str, B: int):
+def setup(model_dir: str, B: int, keep_freed: bool):
     import random
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from geffect.data.synthetic import default_splits, idk_answers
     from geffect.engine import Engine
+    from geffect.engine.profiler import ProfileConfig
     from geffect.models import LoadedModel, frozen_reference
     from geffect.objectives import parse_method
     from geffect.unlearn import Data, make_batch
@@ -46,7 +51,8 @@ def setup(model_dir: str, B: int):
     method = parse_method("npo+gd")
     batch = make_batch(tok, method, data.forget[:B], data.retain[:B], data, random.Random(0), 128)
     return {"model": model, "ref": frozen_reference(model), "method": method, "batch": batch,
-            "opt": torch.optim.AdamW(model.parameters(), lr=1e-6), "engine": Engine(model),
+            "opt": torch.optim.AdamW(model.parameters(), lr=1e-6),
+            "engine": Engine(model, ProfileConfig(keep_freed_memory=keep_freed)),
             "loaded": LoadedModel(model, tok, "smollm2-135m")}
 
 
@@ -66,8 +72,16 @@ def step_profiled(s):
         fo = forward(s["model"], s["ref"], s["batch"], s["method"])
         parts = s["method"].parts(fo)
         eng.backward(cap, fo, parts.total)
-    eng.summarise(eng.measure(cap, s["batch"].segments, eng.direction_from_grads()))
+    measure(s, cap)
     s["opt"].step()
+
+
+def measure(s, cap) -> None:
+    """As in the unlearn loop: records along ∇L, captured tensors released before the optimizer step."""
+    segs = s["batch"].segments
+    n_f, n_r = (segs[k].stop - segs[k].start for k in ("forget", "retain"))
+    s["engine"].records(0, [(cap, segs, list(range(n_f)), list(range(n_r)), None)],
+                        s["engine"].direction_from_grads())
 
 
 def step_conflicts(s):
@@ -90,7 +104,7 @@ def step_conflicts(s):
     for p in params:
         p.grad = update.get(id(p))
     del update, grads
-    eng.summarise(eng.measure(cap, s["batch"].segments, eng.direction_from_grads()))
+    measure(s, cap)
     s["opt"].step()
 
 
@@ -132,10 +146,10 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def child(model_dir: str, variant: str, B: int) -> None:
+def memory_child(model_dir: str, variant: str, B: int, keep_freed: bool) -> None:
     """Peak resident memory *during the steps* (sampled every 2 ms), not during model loading."""
     import threading
-    s = setup(model_dir, B)
+    s = setup(model_dir, B, keep_freed)
     VARIANTS[variant](s)  # optimizer state exists from here on
     peak, done = [_rss_mb()], threading.Event()
 
@@ -152,48 +166,70 @@ def child(model_dir: str, variant: str, B: int) -> None:
     print(json.dumps({"maxrss_mb": peak[0]}))
 
 
+def timing_child(model_dir: str, batches: list[int], repeats: int, keep_freed: bool) -> None:
+    """Median step time of every variant, interleaved, for each batch size (one JSON line each)."""
+    for B in batches:
+        s = setup(model_dir, B, keep_freed)
+        times = {v: [] for v in VARIANTS}
+        for v, f in VARIANTS.items():
+            f(s)  # warm-up
+        for _ in range(repeats):
+            for v, f in VARIANTS.items():
+                t0 = time.perf_counter()
+                f(s)
+                times[v].append(time.perf_counter() - t0)
+        print(json.dumps({"B": B, "tokens": int(s["batch"].attention_mask.sum()),
+                          "median_s": {v: statistics.median(t) for v, t in times.items()}}), flush=True)
+        del s
+
+
+def _child(*args: str) -> list[dict]:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        sys.exit(f"benchmark child {args[:2]} failed:\n{r.stderr[-3000:]}")
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[2, 4], help="forget (= retain) batch sizes")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (after one warm-up)")
     ap.add_argument("--memory-batch", type=int, default=4, help="batch size of the peak-memory comparison")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--allocator", choices=["both", "kept", "default"], default="both",
+                    help="kept: the engine's allocator setting (freed memory kept for reuse); default: glibc's")
+    ap.add_argument("--timing-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child:
-        child(a.child[0], a.child[1], int(a.child[2]))
+    if a.timing_child:
+        timing_child(a.timing_child[0], a.batches, a.repeats, a.timing_child[1] == "kept")
+        return
+    if a.memory_child:
+        memory_child(a.memory_child[0], a.memory_child[1], int(a.memory_child[2]), a.memory_child[3] == "kept")
         return
     from geffect.models import load_model
     torch.manual_seed(0)
+    settings = ["kept", "default"] if a.allocator == "both" else [a.allocator]
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model("smollm2-135m")
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         del loaded
         print(f"torch threads: {torch.get_num_threads()}")
-        for B in a.batches:
-            s = setup(tmp, B)
-            times = {v: [] for v in VARIANTS}
-            for v, f in VARIANTS.items():
-                f(s)  # warm-up
-            for _ in range(a.repeats):
-                for v, f in VARIANTS.items():
-                    t0 = time.perf_counter()
-                    f(s)
-                    times[v].append(time.perf_counter() - t0)
-            med = {v: statistics.median(t) for v, t in times.items()}
-            tokens = int(s["batch"].attention_mask.sum())
-            print(f"batch {B}+{B} ({tokens} tokens): " + ", ".join(f"{v} {m:.2f} s" for v, m in med.items())
-                  + "  |  time ratio to plain: "
-                  + ", ".join(f"{v} {med[v] / med['plain']:.2f}" for v in VARIANTS if v != "plain"))
-            del s
-        rss = {}
-        for v in VARIANTS:
-            r = subprocess.run([sys.executable, __file__, "--child", tmp, v, str(a.memory_batch)],
-                               capture_output=True, text=True, check=True)
-            rss[v] = json.loads(r.stdout.strip().splitlines()[-1])["maxrss_mb"]
-        print(f"peak memory during steps, batch {a.memory_batch}+{a.memory_batch} (RSS): "
-              + ", ".join(f"{v} {m:.0f} MB" for v, m in rss.items())
-              + "  |  ratio to plain: " + ", ".join(f"{v} {rss[v] / rss['plain']:.2f}" for v in VARIANTS if v != "plain"))
+        for setting in settings:
+            print(f"allocator: {setting}")
+            for res in _child("--timing-child", tmp, setting, "--batches", *map(str, a.batches),
+                              "--repeats", str(a.repeats)):
+                med = res["median_s"]
+                print(f"  batch {res['B']}+{res['B']} ({res['tokens']} tokens): "
+                      + ", ".join(f"{v} {m:.2f} s" for v, m in med.items())
+                      + "  |  time ratio to plain: "
+                      + ", ".join(f"{v} {med[v] / med['plain']:.2f}" for v in VARIANTS if v != "plain"))
+            rss = {v: _child("--memory-child", tmp, v, str(a.memory_batch), setting)[-1]["maxrss_mb"]
+                   for v in VARIANTS}
+            print(f"  peak memory during steps, batch {a.memory_batch}+{a.memory_batch} (RSS): "
+                  + ", ".join(f"{v} {m:.0f} MB" for v, m in rss.items())
+                  + "  |  ratio to plain: "
+                  + ", ".join(f"{v} {rss[v] / rss['plain']:.2f}" for v in VARIANTS if v != "plain"))
 
 
 if __name__ == "__main__":

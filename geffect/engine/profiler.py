@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from geffect.engine.allocator import keep_freed_memory
 from geffect.engine.capture import Capture
 from geffect.engine.groups import GROUPS, assign_groups, group_names
 from geffect.objectives import functional as fn
@@ -46,6 +47,11 @@ class ProfileConfig:
     tokens_every: int = field(default=5, metadata={
         "help": "every k steps, the G-effect on each forget answer token's NLL (tokens.csv 'geffect'), by one "
                 "forward-mode pass; 0 = off"})
+    keep_freed_memory: bool = field(default=True, metadata={
+        "help": "glibc: keep freed memory in the process for reuse (no heap trimming, no fresh mmaps for "
+                "large blocks): the profiled step keeps cotangents until the inner products, and without this "
+                "glibc hands it fresh pages (page faults) every step on CPU; resident memory stays at its peak "
+                "(geffect/engine/allocator.py)"})
     reuse_backward: bool = field(default=True, metadata={
         "help": "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, SimNPO …), "
                 "derive the risk cotangents from the training backward instead of an extra backward"})
@@ -74,6 +80,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, cfg: ProfileConfig | None = None):
         self.model, self.cfg = model, cfg or ProfileConfig()
+        if self.cfg.keep_freed_memory and next(model.parameters()).device.type == "cpu":
+            keep_freed_memory()
         self.assignment = assign_groups(model, parse_boundaries(self.cfg.boundaries), self.cfg.resolution)
         # group resolution: always all five groups (an empty group, e.g. 'deep' of a 2-block model, is 0)
         self.groups = list(GROUPS) if self.cfg.resolution == "group" else group_names(self.assignment)
