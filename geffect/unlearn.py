@@ -415,6 +415,11 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         rows, effect_rows, instance_rows, conflict_rows, n_conflict, token_rows = [], [], [], [], {}, []
         pair_rows = []
         split = method.has_retain_part and (method.pcgrad or (engine is not None and profile.conflicts))
+        # profiling an objective that never reads the retain rows (GA, NPO, SimNPO alone): they get
+        # their own forward chunk, so the risk backward they need (the forget rows reuse the training
+        # backward) covers them alone
+        retain_chunk = (engine is not None and profile.reuse_backward and not method.has_retain_part
+                        and not method.needs_hidden)
         groups_of = {}
         if split:
             from geffect.engine.groups import assign_groups
@@ -438,8 +443,11 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 with (engine.capture() if engine else nullcontext()) as cap:
                     # with the backward split into parts, each part's rows get their own forward
                     fo = forward(model, ref, batch, method, st["rmu_layer"],
-                                 part_rows(batch.segments) if split else None, cap)
-                    parts = split_parts(method, fo, st["control"]) if split else method.parts(fo, st["control"])
+                                 part_rows(batch.segments) if split or retain_chunk else None, cap)
+                    if split:
+                        parts = split_parts(method, fo, st["control"])
+                    else:   # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
+                        parts = method.parts(fo.views[0] if retain_chunk else fo, st["control"])
                     loss = parts.total / cfg.grad_accum
                     forget_part = method.gamma * parts.forget / cfg.grad_accum          # γ·L_f
                     backprop = loss.backward

@@ -114,11 +114,6 @@ class Engine:
             out[risk]["total"] = m.sum().item()
         return out
 
-    def risk_backward(self, cap: Capture, fo) -> None:
-        """The risk's cotangents at every module output (one backward, no weight gradients)."""
-        R, _, _ = risk_rows(fo)
-        cap.risk_grads(R)
-
     def backward(self, cap: Capture, fo, loss: torch.Tensor, uses_hidden: bool = False,
                  backprop=None) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
@@ -128,19 +123,29 @@ class Engine:
         the (N, T-1) answer tokens, c_i ≠ 0), the rows' cotangents at the logits and at every module
         are c_i times the risk's too (each nll_{i,t} depends on its own position's logits only;
         backprop is linear and rows do not interact), so the training backward's own cotangents
-        divided by c_i are the risk's: no extra backward. ``extra``: one backward of R
-        to the module outputs (no weight gradients), then the training backward.
+        divided by c_i are the risk's: no extra backward. ``reuse+retain``: the same for the forget
+        rows of an objective that never reads the retain rows (GA, NPO, SimNPO alone), when the retain
+        rows ran as their own forward chunk: one backward of R_r over that chunk only, to its module
+        outputs. ``extra``: one backward of R to the module outputs (no weight gradients), then the
+        training backward.
         ``backprop`` runs the training backward (default ``loss.backward()``); it may split it into
         the objective's parts (PCGrad, conflict statistics): the stashed cotangents add up.
         """
         backprop = backprop or loss.backward
         R, f, r = risk_rows(fo)
         rows = torch.cat([torch.arange(f.start, f.stop), torch.arange(r.start, r.stop)])
-        c = None
+        c, path = None, "reuse"
         if self.cfg.reuse_backward and not uses_hidden and fo.reads_model_only_through_nll(loss):
             gL, gR = fo.nll_grads(loss), fo.nll_grads(R)                 # (N, T-1) each
             if gL is not None:
-                c = proportional((gL * fo.mask)[rows], (gR * fo.mask)[rows])
+                gL, gR = gL * fo.mask, gR * fo.mask
+                c = proportional(gL[rows], gR[rows])
+                r_rows = torch.arange(r.start, r.stop)
+                if c is None and not gL[r].any() and cap.has_chunk(r_rows):
+                    c_f = proportional(gL[f], gR[f])
+                    if c_f is not None:   # forget rows reuse; retain rows: a backward of their chunk alone
+                        cap.risk_grads(fn.mean_nll(fo.nll[r], fo.mask[r]).sum(), chunk=r_rows)
+                        c, path = torch.cat([c_f, torch.ones(r.stop - r.start, dtype=c_f.dtype)]), "reuse+retain"
         if c is None:
             cap.risk_grads(R)
             backprop()
@@ -149,7 +154,7 @@ class Engine:
         backprop()
         cap.stash = False
         cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
-        return "reuse"
+        return path
 
     def instance_pairs(self, cap: Capture, fo, forget_part: torch.Tensor) -> dict[str, torch.Tensor]:
         """Objective-side PG-effects of each forget instance s_i (Wang et al. Fig. 5b):
