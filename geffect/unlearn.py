@@ -411,7 +411,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             from geffect.engine.profiler import Engine, make_probe
             engine = Engine(model, profile)
             if profile.probe_every > 0:
-                probe = make_probe(tok, data, profile.probe_retain, cfg.max_length, cfg.seed)
+                probe = make_probe(tok, data, profile.probe_retain, cfg.max_length, cfg.seed, profile.probe_forget)
         rows, effect_rows, instance_rows, conflict_rows, n_conflict, token_rows = [], [], [], [], {}, []
         pair_rows = []
         split = method.has_retain_part and (method.pcgrad or (engine is not None and profile.conflicts))

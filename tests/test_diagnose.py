@@ -140,3 +140,18 @@ def test_agreement_statistics():
     a = agreement(recs)
     assert a["nll_forget_change"] == {"spearman": pytest.approx(1.0), "sign_agreement": 1.0}
     assert -1 <= a["nll_retain_change"]["spearman"] <= 1
+
+
+def test_retain_prediction_is_on_the_same_rows_as_the_measured_change():
+    """e_r comes from the probe's fixed retain sample, the rows of the NLL check: over one small step
+    the predicted first-order retain-risk change equals the measured one up to second order. (Here
+    the in-batch e_r would predict the wrong sign for GD: its retain part trains on the batch rows.)"""
+    loaded = tiny_model("tiny-llama", seed=0)
+    res = diagnose(BASE, DiagnoseConfig(methods=["gd", "npo+gd", "ga"], steps=1, lr=1e-5), progress=False,
+                   loaded=loaded)
+    for r in res["candidates"]:
+        assert r["e_r_source"] == "probe"
+        pred, meas = r["predicted_retain_risk_change"], r["nll_retain_change"]
+        assert abs(pred - meas) <= 0.1 * abs(meas) + 1e-7, (r["method"], pred, meas)
+    gd = next(r for r in res["candidates"] if r["method"] == "gd")
+    assert gd["predicted_retain_risk_change_batch"] * gd["nll_retain_change"] < 0

@@ -37,6 +37,9 @@ class ProfileConfig:
         "help": "every k steps also measure against the risk over a fixed probe set (whole forget set "
                 "and a retain sample); 0 = off"})
     probe_retain: int = field(default=16, metadata={"help": "retain samples in the probe set"})
+    probe_forget: bool = field(default=True, metadata={
+        "help": "the probe set includes the whole forget set (off: the retain sample only, a cheaper e_r on "
+                "a fixed sample instead of the rows the retain part trains on)"})
     conflicts: bool = field(default=True, metadata={
         "help": "conflict statistics of the forget and retain parts' gradients every step (conflicts.csv); "
                 "the training backward runs once per part"})
@@ -109,6 +112,8 @@ class Engine:
         """Batch G-effects: e = mean over the split's instances, per group and total."""
         out = {}
         for risk, split in (("unlearn", "forget"), ("retain", "retain")):
+            if len(per_instance[split]) == 0:     # e.g. a probe set without forget rows
+                continue
             m = per_instance[split].double().mean(0)
             out[risk] = {g: m[i].item() for i, g in enumerate(self.groups)}
             out[risk]["total"] = m.sum().item()
@@ -240,11 +245,16 @@ class Probe:
     retain_index: list
 
 
-def make_probe(tok, data, n_retain: int, max_length: int, seed: int) -> Probe:
-    """The fixed probe set: the whole forget set and a seeded retain sample."""
+def probe_retain_indices(n_total: int, n: int, seed: int) -> list[int]:
+    """The probe's seeded retain sample (indices into the retain set)."""
     import random as _random
+    return sorted(_random.Random(seed + 99).sample(range(n_total), min(n, n_total)))
 
+
+def make_probe(tok, data, n_retain: int, max_length: int, seed: int, forget: bool = True) -> Probe:
+    """The fixed probe set: the whole forget set (unless ``forget`` is off) and a seeded retain sample."""
     from geffect.data.batching import collate, qa
-    r_idx = sorted(_random.Random(seed + 99).sample(range(len(data.retain)), min(n_retain, len(data.retain))))
-    b = collate(tok, {"forget": qa(data.forget), "retain": qa([data.retain[i] for i in r_idx])}, max_length)
-    return Probe(b.input_ids, b.attention_mask, b.labels, b.segments, list(range(len(data.forget))), r_idx)
+    r_idx = probe_retain_indices(len(data.retain), n_retain, seed)
+    f_recs = data.forget if forget else []
+    b = collate(tok, {"forget": qa(f_recs), "retain": qa([data.retain[i] for i in r_idx])}, max_length)
+    return Probe(b.input_ids, b.attention_mask, b.labels, b.segments, list(range(len(f_recs))), r_idx)
