@@ -475,7 +475,7 @@ def diagnosis_plane(records: list[dict], basis: str = ""):
     ax.scatter([], [], color="#d62728", edgecolor="black", label="Pareto front (front 1)")
     ax.scatter([], [], color=plt.cm.Greys(0.6), edgecolor="black", s=28, label="later fronts (lighter = later)")
     ax.set_xlabel("cumulative unlearning G-effect e_u along the update (symlog; < 0 removes)")
-    ax.set_ylabel("cumulative retaining G-effect e_r along the update (symlog; ≥ 0 retains)")
+    ax.set_ylabel("cumulative retaining G-effect e_r along the update\non the fixed retain sample (symlog; ≥ 0 retains)")
     ax.set_title("Diagnosis: candidates on the (e_u, e_r) plane; numbers are ranks")
     if basis:
         fig.text(0.01, 0.005, "Basis: " + basis, fontsize=7, wrap=True, color="0.3")
