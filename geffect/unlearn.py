@@ -488,7 +488,6 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             V = engine.direction_from_grads() if engine else None
             tokens_due = engine is not None and profile.tokens_every > 0 and step % profile.tokens_every == 0
             effects, snapshot = None, None
-
             if engine and profile.direction == "grad":
                 # along the raw ∇L, at the weights before the step and before clipping scales the
                 # gradients in place; the captured tensors are freed before the optimizer allocates

@@ -75,14 +75,18 @@ class Capture:
     def _outputs(self) -> list[_Seen]:
         return [rec for _, rec in self._records() if rec.output.requires_grad]
 
+    @staticmethod
+    def _of_chunk(rec: _Seen, rows: torch.Tensor) -> bool:
+        return rec.rows is not None and torch.equal(rec.rows, rows)
+
     def has_chunk(self, rows: torch.Tensor) -> bool:
         """Whether exactly these global rows ran as one forward chunk."""
-        return any(rec.rows is not None and torch.equal(rec.rows, rows) for _, rec in self._records())
+        return any(self._of_chunk(rec, rows) for _, rec in self._records())
 
     def risk_grads(self, risk: torch.Tensor, chunk: torch.Tensor | None = None) -> None:
         """Cotangents of the risk at every captured output (or at the outputs of the forward chunk
         of rows ``chunk`` only), from one backward without weight grads."""
-        recs = [r for r in self._outputs() if chunk is None or (r.rows is not None and torch.equal(r.rows, chunk))]
+        recs = [r for r in self._outputs() if chunk is None or self._of_chunk(r, chunk)]
         grads = torch.autograd.grad(risk, [r.output for r in recs], retain_graph=True, allow_unused=True)
         for r, g in zip(recs, grads):
             r.grad = g
