@@ -26,6 +26,7 @@ import torch
 
 from geffect.config import ProfileConfig
 from geffect.data.sampling import MicroBatch
+from geffect.distributed import SINGLE, World
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, training_backward
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import apply_coefficients, part_scalars
@@ -64,10 +65,14 @@ class Step:
 
     def __init__(self, model: torch.nn.Module, method: Method, reference: Reference | None = None,
                  ctx: ObjectiveContext | None = None, engine: Engine | None = None, probe=None,
-                 pcgrad_scope: str = "global", on_nonfinite: str = "stop"):
+                 pcgrad_scope: str = "global", on_nonfinite: str = "stop", world: World = SINGLE,
+                 forward_model: torch.nn.Module | None = None):
+        """``world``: this process's rank in a data-parallel or sharded run (:mod:`geffect.distributed`);
+        ``forward_model``: what the training forward runs through (the DDP wrapper), default ``model``."""
         if method.needs_ref and reference is None:
             raise ValueError(f"{method.name} needs a reference model θ_o")
         self.model, self.method, self.reference, self.ctx = model, method, reference, ctx or ObjectiveContext()
+        self.world, self.forward_model = world, forward_model if forward_model is not None else model
         self.engine, self.probe, self.scope = engine, probe, pcgrad_scope
         self.on_nonfinite = on_nonfinite   # stop / skip-step: a non-finite loss or gradient is not applied
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -97,12 +102,13 @@ class Step:
         # their own forward chunk, so the risk backward they need (the forget rows reuse the training
         # backward) covers them alone
         retain_chunk = (engine is not None and engine.cfg.reuse_backward and not method.has_retain_part
-                        and method.reuse_candidate)
+                        and method.reuse_candidate and not self.world.active)    # DDP: one forward per backward
         keep_training = parts_due or (engine is not None and due.pairs)
         # along ∇L with everything known at the end of this one backward: take each module's values
         # as its gradient completes and free its captured tensors then (see Engine.backward)
+        # (not across processes: a module's .grad is complete only after the gradient reduction)
         stream = (engine is not None and engine.cfg.stream and due.effects and direction == "grad"
-                  and len(micro) == 1 and not method.pcgrad)
+                  and len(micro) == 1 and not method.pcgrad and not self.world.active)
         scalars: dict[int, tuple] = {}
         pairs: list[PairsAccumulator] = []
         if optimizer is not None:
@@ -132,11 +138,11 @@ class Step:
             res.pairs.append(acc.result())
         if parts_due:   # the modules not streamed during the backward
             held = {n: g for n, g in capturer.assignment.items() if any(n in c.cap.seen for c in captured)}
-            scalars |= part_scalars(self.model, held, captured)
+            scalars |= part_scalars(self.model, held, captured, self.world)
             assignment = capturer.assignment
             res.conflicts, coef = plan(scalars, self.groups_of(), self.scope, apply=method.pcgrad)
             if method.pcgrad:
-                apply_coefficients(self.model, assignment, captured, coef)
+                apply_coefficients(self.model, assignment, captured, coef, self.world)
         if engine is None:
             for c in captured:
                 c.cap.release()
@@ -147,7 +153,7 @@ class Step:
     def _check(self, res: StepResult) -> None:
         """‖∇L‖ (one pass over the gradients) and whether the loss and the gradient are finite."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        res.grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        res.grad_norm = self.world.grad_norm(grads)
         if not math.isfinite(res.losses["loss"]):
             res.nonfinite.append("loss")
         if not math.isfinite(res.grad_norm):
@@ -195,7 +201,7 @@ class Step:
             if cap is not None:
                 cap.keep_training = keep_training
             chunks = part_rows(batch.segments) if retain_chunk else None
-            fo = forward(self.model, self.reference, batch, method, self.ctx, chunks, cap)
+            fo = forward(self.forward_model, self.reference, batch, method, self.ctx, chunks, cap)
             sf, sr = mb.shares if mb.shares is not None else (1.0 / n, 1.0 / n)
             # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
             parts = method.parts(fo.views[0] if retain_chunk else fo, self.ctx, retain_part=sr > 0,
@@ -208,7 +214,7 @@ class Step:
                 if pairs is not None:
                     acc = PairsAccumulator(self.model, engine.assignment, engine.groups,
                                            Captured(cap, batch.segments, mb.forget_index, mb.retain_index,
-                                                    parts.instance_weights()))
+                                                    parts.instance_weights()), self.world)
                     pairs.append(acc)
 
                 def on_modules(names, cap=cap, acc=acc):
@@ -234,7 +240,9 @@ class Step:
                  due: Due, res: StepResult, params: dict | None = None) -> None:
         """Per-token effects, then the batch's and the probe's effects along V (frees the captures).
         ``probe``: True (capture each probe chunk now, one at a time), the captured chunks, or None."""
-        effects = [src.effects(self.model, V, params) for src in sources] if due.tokens else None
+        # per-token jvp needs every weight whole: not under FSDP (the tokens' NLLs and weights still are)
+        jvp_ok = due.tokens and not self.world.sharded
+        effects = [src.effects(self.model, V, params) for src in sources] if jvp_ok else None
         res.tokens = [src.tokens(effects[k] if effects is not None else None) for k, src in enumerate(sources)]
         if due.effects:
             res.effects.append(engine.effects(captured, V))

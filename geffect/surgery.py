@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from geffect.config import SCOPES
+from geffect.engine.groups import GROUPS
 
 
 def project(grads: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -107,7 +108,9 @@ def plan(per_tensor: dict[int, tuple[float, float, float]], groups: dict[int, st
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown --pcgrad-scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    ids = list(per_tensor)
+    # the model's parameter order (sums in a fixed order, whichever order the scalars were taken in)
+    position = {pid: k for k, pid in enumerate(groups)}
+    ids = sorted(per_tensor, key=lambda i: position.get(i, len(position)))
 
     def total(keys):
         s = [per_tensor[i] for i in keys]
@@ -116,7 +119,8 @@ def plan(per_tensor: dict[int, tuple[float, float, float]], groups: dict[int, st
     by_group: dict[str, list[int]] = {}
     for i in ids:
         by_group.setdefault(groups.get(i, "other"), []).append(i)
-    scalars = {"global": total(ids)} | {g: total(keys) for g, keys in by_group.items()}
+    rank = {g: k for k, g in enumerate(GROUPS)}
+    scalars = {"global": total(ids)} | {g: total(by_group[g]) for g in sorted(by_group, key=lambda g: rank.get(g, 99))}
     rows = [{"group": g, **stats_from_scalars(*s)} for g, s in scalars.items()]
     for row in rows:
         row["pcgrad_applied"] = bool(apply and row["conflict"] and (scope == "global" and row["group"] == "global"

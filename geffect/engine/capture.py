@@ -10,7 +10,10 @@ from typing import Self
 
 import torch
 
+from geffect.distributed import World
 from geffect.engine.rules import rule_for
+
+full = World.full
 
 
 @dataclass
@@ -180,34 +183,40 @@ class Capture:
         """
         n = rows.stop - rows.start
         out: dict[str, torch.Tensor] = {} if names is not None else {g: v.clone() for g, v in self.streamed.items()}
-        recs = ((nm, rec) for nm in (names if names is not None else list(self.seen)) for rec in self.seen.get(nm, []))
-        for name, rec in recs:
+        for name in (names if names is not None else list(self.seen)):
             mod = self.modules[name]
-            local = {pn: V[id(p)] for pn, p in mod._parameters.items()
+            # a sharded direction is gathered whole for this module only (every rank, same order)
+            local = {pn: full(V[id(p)]) for pn, p in mod._parameters.items()
                      if p is not None and p.requires_grad and id(p) in V}
-            grad = rec.grad
-            if not local or grad is None:
-                continue
-            n_chunk = grad.shape[0]
-            if rec.rows is None:            # one forward over all rows: a slice is a view, no copy
-                sel, dest = rows, None
-            else:                           # chunk rows are host-side bookkeeping (CPU index tensors)
-                hit = (rec.rows >= rows.start) & (rec.rows < rows.stop)
-                if not hit.any():
-                    continue
-                sel = slice(None) if hit.all() else hit.nonzero().flatten().to(grad.device)
-                dest = (rec.rows[hit] - rows.start).to(grad.device)
-            inputs = tuple(x[sel] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
-                           for x in rec.inputs)
-            with torch.no_grad():
-                vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()     # (n_sel,)
-            g = self.assignment[name]
-            acc = out.setdefault(g, torch.zeros(n, device=vals.device))
-            if dest is None:
-                acc += vals
-            else:
-                acc.index_add_(0, dest, vals)
+            for rec in self.seen.get(name, []):
+                self._module_products(name, mod, rec, local, rows, n, out)
         if names is None and self.row_scale is not None:
             scale = self.row_scale[rows].float()
             out = {g: v * scale for g, v in out.items()}
         return out
+
+    def _module_products(self, name: str, mod, rec: _Seen, local: dict, rows: slice, n: int,
+                         out: dict[str, torch.Tensor]) -> None:
+        """Add one captured chunk's per-row products of module ``name`` along ``local`` into ``out``."""
+        grad = rec.grad
+        if not local or grad is None:
+            return
+        n_chunk = grad.shape[0]
+        if rec.rows is None:            # one forward over all rows: a slice is a view, no copy
+            sel, dest = rows, None
+        else:                           # chunk rows are host-side bookkeeping (CPU index tensors)
+            hit = (rec.rows >= rows.start) & (rec.rows < rows.stop)
+            if not hit.any():
+                return
+            sel = slice(None) if hit.all() else hit.nonzero().flatten().to(grad.device)
+            dest = (rec.rows[hit] - rows.start).to(grad.device)
+        inputs = tuple(x[sel] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
+                       for x in rec.inputs)
+        with torch.no_grad():
+            vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()     # (n_sel,)
+        g = self.assignment[name]
+        acc = out.setdefault(g, torch.zeros(n, device=vals.device))
+        if dest is None:
+            acc += vals
+        else:
+            acc.index_add_(0, dest, vals)

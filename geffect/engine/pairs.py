@@ -60,11 +60,17 @@ class PairsAccumulator:
     """The pairs of one captured micro-batch, taken module by module (:meth:`add`): during the
     backward as modules complete (streaming) or after it, while their tensors are still held."""
 
-    def __init__(self, model: torch.nn.Module, assignment: dict[str, str], groups: list[str], c: Captured):
-        self.model, self.assignment, self.groups, self.c = model, assignment, list(groups), c
+    def __init__(self, model: torch.nn.Module, assignment: dict[str, str], groups: list[str], c: Captured,
+                 world=None):
+        """``world``: across processes the risks' gradients are the global batch's (their products
+        summed over the ranks, one module at a time) and n_f, n_r its counts."""
+        self.model, self.assignment, self.groups, self.c, self.world = model, assignment, list(groups), c, world
         seg = c.segments
         f, r = seg["forget"], seg["retain"]
         self.n_f, self.n_r = f.stop - f.start, r.stop - r.start
+        self.n_local = self.n_f                   # this process's forget instances (rows of ``out``)
+        if world is not None and world.active:
+            self.n_f, self.n_r = (int(v) for v in world.sum_floats([self.n_f, self.n_r]))
         self.f_rows, self.r_rows, self.side = list(range(f.start, f.stop)), list(range(r.start, r.stop)), forget_side(seg)
         self.owner = {}                             # the forget instance each forget-side row belongs to
         for name in ("forget", "idk", "mismatch"):
@@ -74,12 +80,19 @@ class PairsAccumulator:
         self.params = {name: tuple(n for n, p in m._parameters.items() if p is not None and p.requires_grad)
                        for name, m in self.modules.items()}
         self.device = next(model.parameters()).device
-        self.out = {risk: torch.zeros(self.n_f, len(self.groups), device=self.device) for risk in ("unlearn", "retain")}
+        self.out = {risk: torch.zeros(self.n_local, len(self.groups), device=self.device)
+                    for risk in ("unlearn", "retain")}
 
     def _risk_grads(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         mod, recs = self.modules[name], self.c.cap.seen.get(name, [])
-        return {risk: {k: v / n for k, v in _risk_gradient(mod, self.params[name], recs, rows, self.c.cap).items()}
-                for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r))}
+        out = {}
+        for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
+            total = _risk_gradient(mod, self.params[name], recs, rows, self.c.cap)
+            if self.world is not None and self.world.active:     # whole tensors: the rules need all of V
+                total = {k: self.world.all_reduce_(total.get(k, torch.zeros(
+                    mod._parameters[k].shape, dtype=torch.float32, device=self.device))) for k in self.params[name]}
+            out[risk] = {k: v / n for k, v in total.items()}
+        return out
 
     @torch.no_grad()
     def add(self, names: list[str]) -> None:

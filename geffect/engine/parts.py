@@ -104,31 +104,45 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def part_scalars(model, assignment, captured) -> dict[int, tuple[float, float, float]]:
+def part_scalars(model, assignment, captured, world=None) -> dict[int, tuple[float, float, float]]:
     """Per tensor (⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²) from g_f and ``.grad`` = g_f + g_r (float32 dots).
 
     g_r = ``.grad`` − g_f is formed for one tensor at a time: differencing the squared norms
-    instead would lose ‖g_r‖² to cancellation wherever the retain part's gradient is small."""
+    instead would lose ‖g_r‖² to cancellation wherever the retain part's gradient is small. Across
+    processes (``world``) g_f is this rank's rows' products, reduced to the global g_f in ``.grad``'s
+    layout (:meth:`World.reduce_part`); sharded, each rank sums over its shard and one all-reduce
+    adds the shards' sums."""
     out = {}
     with torch.no_grad():
         for p, Gf in forget_gradients(model, assignment, captured):
-            f, g, acc = Gf.reshape(-1), p.grad.reshape(-1), [0.0, 0.0, 0.0]
+            if world is not None:
+                Gf = world.reduce_part(p, Gf)
+            f = Gf.reshape(-1)
+            g = (world.local(p.grad) if world is not None else p.grad).reshape(-1)
+            acc = [0.0, 0.0, 0.0]
             for k in range(0, f.numel(), CHUNK):      # g_r in pieces: no second full-size temporary
-                fk = f[k:k + CHUNK]
+                fk = _f32(f[k:k + CHUNK])
                 rk = _f32(g[k:k + CHUNK]) - fk
                 acc[0] += torch.dot(fk, rk).item()
                 acc[1] += torch.dot(fk, fk).item()
                 acc[2] += torch.dot(rk, rk).item()
             out[id(p)] = tuple(acc)
+    if world is not None and world.sharded and out:
+        flat = world.sum_floats([v for acc in out.values() for v in acc])
+        out = {pid: tuple(flat[3 * k:3 * k + 3]) for k, pid in enumerate(out)}
     return out
 
 
-def apply_coefficients(model, assignment, captured, coef: dict[int, tuple[float, float]]) -> None:
-    """``.grad`` ← c_f·g_f + c_r·g_r = c_r·.grad + (c_f − c_r)·g_f per tensor (PCGrad's update)."""
+def apply_coefficients(model, assignment, captured, coef: dict[int, tuple[float, float]], world=None) -> None:
+    """``.grad`` ← c_f·g_f + c_r·g_r = c_r·.grad + (c_f − c_r)·g_f per tensor (PCGrad's update);
+    across processes with the global g_f (each rank its shard under FSDP)."""
     if all(c == (1.0, 1.0) for c in coef.values()):
         return
     with torch.no_grad():
         for p, Gf in forget_gradients(model, assignment, captured):
             cf, cr = coef.get(id(p), (1.0, 1.0))
+            if world is not None:           # every rank reduces every tensor: the collectives stay in step
+                Gf = world.reduce_part(p, Gf)
             if (cf, cr) != (1.0, 1.0):
-                p.grad.mul_(cr).add_(Gf.to(p.grad.dtype), alpha=cf - cr)
+                grad = world.local(p.grad) if world is not None else p.grad
+                grad.mul_(cr).add_(Gf.to(grad.dtype), alpha=cf - cr)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, jvp
 
+from geffect.distributed import World
+
 Rule = Callable[[torch.nn.Module, tuple, torch.Tensor, dict], torch.Tensor]
 _RULES: dict[type, Rule] = {}
 
@@ -86,7 +88,7 @@ def embedding_rule(mod, inputs, g, V) -> torch.Tensor:
 def jvp_rule(mod, inputs, g, V) -> torch.Tensor:
     """Fallback for any module treating samples independently: ⟨g, J_p m · V⟩ per sample."""
     names = list(V)
-    primals = tuple(getattr(mod, n).detach() for n in names)
+    primals = tuple(World.full(getattr(mod, n)).detach() for n in names)     # sharded weights: gathered whole
     tangents = tuple(V[n] for n in names)
 
     def f(*ps):
