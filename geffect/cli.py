@@ -128,7 +128,65 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(m.add_argument_group("G-effect engine"), ProfileConfig,
                         skip=("probe_every", "probe_retain", "probe_size", "probe_batch", "probe_forget"))
     m.add_argument("--json", action="store_true", help="print JSON: unlearn, retain, per_instance")
+    _add_eval_parser(sub)
     return p
+
+
+def _add_eval_parser(sub) -> None:
+    from geffect.eval.suite import METRICS
+    e = sub.add_parser("eval", help="outcome metrics (TOFU, membership inference, toxicity, perplexity) into eval.json",
+                       description="Evaluate a model, or a finished run's model, by the metrics unlearning is judged "
+                                   "by: TOFU's probability, ROUGE-L recall, truth ratio, model utility and (with "
+                                   "--reference) forget quality; membership inference (forget set = members, holdout "
+                                   "= non-members); toxicity of greedy answers; perplexity. Prints a table and writes "
+                                   "eval.json. With --tofu-logs, reads TOFU's published evaluation logs instead of a "
+                                   "model.")
+    e.add_argument("target", nargs="?", metavar="MODEL_OR_RUN_DIR",
+                   help="a run directory (its saved model, data and prompt format) or a model as --model takes it "
+                        "(memorised on the bundled data as a run would start from it)")
+    by_name = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+    for name in ("forget", "retain", "tofu", "tofu_split", "memorize", "max_length", "seed", "device", "dtype",
+                 "prompt_format"):
+        f = by_name[name]
+        e.add_argument("--" + name.replace("_", "-"), dest=name, type=int if name in ("max_length", "seed") else str,
+                       default=None, help=f"{f.metadata['help']} (default: the run's, else {f.default})")
+    e.add_argument("--holdout", default=None,
+                   help="non-member records for membership inference (default: the bundled holdout authors with "
+                        "the bundled data, TOFU's holdout split with --tofu)")
+    e.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS, metavar="METRIC",
+                   help=f"which metrics: {', '.join(METRICS)} (default: all)")
+    e.add_argument("--reference", default=None,
+                   help="for forget quality: a model never trained on the forget set (a name, folder or run "
+                        "directory; with the bundled data a model name is memorised on the retain split only), or its "
+                        "results (a geffect eval.json, a TOFU log folder or eval_log_aggregated.json, an "
+                        "open-unlearning TOFU_EVAL.json)")
+    e.add_argument("--toxic-prompts", default=None,
+                   help="prompts whose greedy continuations are classified (a text file, one per line, or JSON/JSONL "
+                        "with 'prompt', 'text' or 'question'); without it toxicity is measured on the answers to the "
+                        "forget questions only")
+    e.add_argument("--toxicity-model", default=None,
+                   help="a Hugging Face sequence classifier (name or folder; e.g. tomh/toxigen_roberta) instead of "
+                        "the offline default, alt-profanity-check's classifier (default: profanity-check)")
+    e.add_argument("--perplexity-text", default="pydoc",
+                   help="corpus for perplexity: a UTF-8 text file, a data file (its answers) or 'pydoc' (the Python "
+                        "language reference's prose shipped with Python, offline) (default: pydoc)")
+    e.add_argument("--batch-size", type=int, default=16, help="rows per forward and per generation batch (default: 16)")
+    e.add_argument("--max-new-tokens", type=int, default=64,
+                   help="greedy generation stops at end-of-sequence or after this many tokens (default: 64)")
+    e.add_argument("--min-k", type=float, default=0.4, help="k of the Min-K%% and Min-K%%++ attacks (default: 0.4)")
+    e.add_argument("--out", default=None,
+                   help="eval.json to write (default: RUN_DIR/eval.json for a run directory, runs/eval-<time>.json "
+                        "for a model); an existing file is replaced only with --overwrite")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--tofu-logs", default=None,
+                   help="read TOFU evaluation logs instead of evaluating a model: a folder with eval_log.json, "
+                        "eval_log_forget.json, eval_real_author_wo_options.json and eval_real_world_wo_options.json, "
+                        "or an eval_log_aggregated.json, or open-unlearning's TOFU_EVAL.json")
+    e.add_argument("--reference-logs", default=None,
+                   help="with --tofu-logs: the retain model's logs, for forget quality")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="say what is being measured (default: on)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def _split(ns: argparse.Namespace, cls) -> object:
@@ -162,7 +220,10 @@ def cmd_resume(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace, summary: dict, profiled: bool) -> int:
-    """Figures and report.html of a profiled run, then the summary printed."""
+    """Figures and report.html of a profiled run, then the summary printed (by rank 0 alone under torchrun)."""
+    import os
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if profiled and getattr(ns, "report", True) and "run_dir" in summary:
         from geffect.plots import plot_run, write_report
         summary["report"] = str(write_report(summary["run_dir"], plot_run(summary["run_dir"])))
@@ -235,13 +296,21 @@ def cmd_diagnose(ns: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         return 0
     print(f"basis: {res['basis']}")
+    outcome = any("eval" in r for r in res["candidates"])
     print(f"  {'rank':>4} {'method':<22} {'front':>5} {'ΔR_u pred':>10} {'ΔR_r pred':>10} {'ΔNLL_f':>8} "
-          f"{'ΔNLL_r':>8} {'conflict':>8}")
+          f"{'ΔNLL_r':>8} {'conflict':>8}" + (f" {'p_forget':>8} {'utility':>8}" if outcome else ""))
     for r in res["candidates"]:
         conf = f"{100 * r['conflict_fraction']:.0f}%" if r["conflict_fraction"] is not None else "-"
+        ev = r.get("eval", {})
+        tail = (f" {ev.get('probability_forget', float('nan')):>8.3f} {ev.get('model_utility', float('nan')):>8.3f}"
+                if outcome else "")
         print(f"  {r['rank']:>4} {r['method']:<22} {r['front']:>5} {r['predicted_forget_risk_change']:>+10.3g} "
               f"{r['predicted_retain_risk_change']:>+10.3g} {r['nll_forget_change']:>+8.3g} "
-              f"{r['nll_retain_change']:>+8.3g} {conf:>8}")
+              f"{r['nll_retain_change']:>+8.3g} {conf:>8}{tail}")
+    if outcome:
+        print(f"  p_forget, utility: TOFU's forget probability and model utility after the steps "
+              f"(before: {res['before']['tofu']['probability_forget']:.3f}, "
+              f"{res['before']['tofu']['model_utility']:.3f})")
     print(res["recommendation"])
     print(f"{len(res['candidates'])} candidates in {res['seconds']:.0f} s"
           + (f"; written to {res['out']}" if "out" in res else ""))
@@ -267,15 +336,66 @@ def cmd_measure(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from geffect.errors import ConfigError
+    if ns.tofu_logs is not None:
+        if ns.target is not None:
+            raise ConfigError("--tofu-logs reads logs instead of evaluating MODEL_OR_RUN_DIR: give one or the other")
+        from geffect.apps.evaluate import eval_logs
+        res = eval_logs(ns.tofu_logs, ns.reference_logs)
+        print(json.dumps(res, indent=2) if ns.json else _metric_table(res))
+        return 0
+    if ns.reference_logs is not None:
+        raise ConfigError("--reference-logs goes with --tofu-logs; with a model give --reference")
+    if ns.target is None:
+        raise ConfigError("give MODEL_OR_RUN_DIR to evaluate, or --tofu-logs DIR")
+    if ns.batch_size < 1 or ns.max_new_tokens < 1 or not 0 < ns.min_k <= 1:
+        raise ConfigError("--batch-size and --max-new-tokens must be ≥ 1 and --min-k in (0, 1]")
+    from pathlib import Path
+
+    from geffect.apps.evaluate import eval_target, is_run_dir, write_eval
+    from geffect.eval.suite import EvalOptions
+    out = Path(ns.out) if ns.out else (Path(ns.target) / "eval.json" if is_run_dir(ns.target) else None)
+    if out is not None and out.exists() and not ns.overwrite:       # refuse before the work, not after
+        raise GeffectError(f"{out} exists: pass --overwrite to replace it, or --out another file")
+    overrides = {k: getattr(ns, k) for k in ("forget", "retain", "tofu", "tofu_split", "memorize", "max_length",
+                                             "seed", "device", "dtype", "prompt_format")}
+    opts = EvalOptions(metrics=tuple(ns.metrics), batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens,
+                       min_k=ns.min_k, toxicity_model=ns.toxicity_model)
+    res = eval_target(ns.target, overrides, opts, ns.holdout, ns.toxic_prompts, ns.perplexity_text, ns.reference,
+                      ns.progress)
+    if out is None:
+        from geffect.rundir import default_out
+        out = default_out("eval").with_suffix(".json")
+    res["eval_json"] = str(write_eval(res, out, ns.overwrite))
+    if ns.json:
+        print(json.dumps(res["metrics"], indent=2))
+    else:
+        print(_metric_table(res["metrics"]))
+        for m, why in res["skipped"].items():
+            print(f"  {m} skipped: {why}")
+        print(f"  {res['seconds']['total']:.0f} s; written to {out}")
+    return 0
+
+
+def _metric_table(metrics: dict) -> str:
+    lines = [f"  {'metric':<28} {'value':>12}"]
+    for k, v in metrics.items():
+        lines.append(f"  {k:<28} {v:>12.4g}" if isinstance(v, float) else f"  {k:<28} {v!s:>12}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
     verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot,
-             "diagnose": cmd_diagnose, "resume": cmd_resume}
+             "diagnose": cmd_diagnose, "resume": cmd_resume, "eval": cmd_eval}
     try:
         return verbs[ns.verb](ns)
     except GeffectError as err:
-        print(f"geffect: error: {err}", file=sys.stderr)
+        import os
+        if os.environ.get("RANK", "0") == "0":     # under torchrun every rank meets the same bad input: say it once
+            print(f"geffect: error: {err}", file=sys.stderr)
         return err.exit_code
 
 

@@ -75,6 +75,9 @@ class UnlearnConfig:
     reference: str = opt("auto", "how θ_o is kept: cache (its log-probabilities of every row the objective reads, "
                                  "computed once: NPO, TNPO, WTNPO, IdkDPO), copy (a frozen copy: needed by KL and "
                                  "RMU), auto (cache when it suffices)", choices=("auto", "cache", "copy"))
+    parallel: str = opt("ddp", "under torchrun (WORLD_SIZE > 1): ddp (DistributedDataParallel; every process holds the "
+                               "model) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded)",
+                        choices=("ddp", "fsdp"))
     reference_device: str | None = opt(None, "device of θ_o's frozen copy (default: the model's), e.g. cpu")
     keep_freed_memory: bool = opt(True, "CPU, glibc: keep freed memory in the process for reuse (no heap "
                                         "trimming, no fresh mmaps for large blocks) so steps stop faulting in fresh "
@@ -138,6 +141,15 @@ class ProfileConfig:
                                          "blocks geffect cannot find (e.g. model.layers)")
     group_map: str | None = opt(None, "explicit layer groups for modules geffect cannot place: "
                                       "'prefix=group,prefix=group' (groups: embed, shallow, middle, deep, lm)")
+    eval_every: int = opt(0, "every k steps, and before the first and after the last, TOFU's metrics of a sample "
+                             "of the forget and retain sets (probability, ROUGE-L recall of greedy answers, truth "
+                             "ratio, model utility; forget quality with --eval-reference) into eval.csv; 0 = off",
+                          min=0)
+    eval_size: int = opt(8, "forget and retain items per --eval-every evaluation, a seeded sample (0: all)", min=0)
+    eval_max_new_tokens: int = opt(24, "greedy answer length limit of the --eval-every evaluations", min=1)
+    eval_reference: str | None = opt(None, "forget truth ratios of a model never trained on the forget set, for "
+                                           "forget quality in eval.csv: an eval.json, TOFU logs, or a model "
+                                           "(see geffect eval --reference)")
     reuse_backward: bool = opt(True, "when the objective is a per-instance reweighting of the NLL (GA, GD, NPO, "
                                      "SimNPO …), derive the risk cotangents from the training backward instead "
                                      "of an extra backward")
@@ -153,6 +165,10 @@ class DiagnoseConfig:
     forget_batch: int = opt(2, "forget samples per step (small: 44 candidates)", min=1)
     retain_batch: int = opt(2, "retain samples per step", min=1)
     eval_retain: int = opt(8, "retain samples in the NLL check (plus the whole forget set)", min=1)
+    eval: bool = opt(False, "also measure TOFU's metrics (forget probability, ROUGE-L recall, truth ratio, model "
+                            "utility) of each candidate's weights after its steps, on --eval-size items per split, "
+                            "so the ranking can be checked against the outcome")
+    eval_size: int = opt(8, "forget and retain items of the --eval measurement, a seeded sample (0: all)", min=0)
 
 
 def flag(name: str) -> str:

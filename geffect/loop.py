@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Self
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from geffect import checkpoint
 from geffect.config import Hyper, ProfileConfig, UnlearnConfig
 from geffect.data.sampling import BatchStream
+from geffect.distributed import SINGLE, World
 from geffect.engine.groups import GROUPS
 from geffect.engine.schedule import NOTHING, Schedule
 from geffect.errors import DivergenceError, Interrupted
@@ -48,9 +50,19 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
     ``reference`` is θ_o to use instead of one made from the starting weights. ``resume``
     continues the interrupted run in ``out`` (its staging folder) from its last checkpoint.
     """
-    run = RunDir(out, overwrite, resume)          # refuses an unsafe OUT before any work
+    world = World.init(cfg.parallel, cfg.device)   # a single process unless launched by torchrun
+    if world.active:
+        cfg = replace(cfg, device=world.device(cfg.device), progress=cfg.progress and world.main)
+        world.check_batch(cfg.forget_batch, cfg.retain_batch)
+        profile = _distributed_profile(profile, world, cfg)
+    run = RunDir(out, overwrite, resume)          # refuses an unsafe OUT before any work (every rank checks)
+    ckpt_dir = Path(out) if resume else None      # every rank reads the checkpoint; rank 0 alone writes
+    if not world.main:
+        run = RunDir(None)
     s = prepare(cfg, hyper, loaded, reference, profile)
-    step, schedule = make_step(s, profile), Schedule.of(profile)
+    forward_model = world.wrap(s.model)           # before the optimizer: FSDP replaces the parameters
+    step, schedule = make_step(s, profile, world, forward_model), Schedule.of(profile)
+    evaluator = make_evaluator(s, profile)
     with run, StopOnSignal() as stop:
         evaluate = evaluate or partial(default_evaluation, tok=s.tokenizer, data=s.data, max_length=cfg.max_length,
                                        fmt=cfg.prompt_format)
@@ -61,7 +73,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         lr_at = lr_schedule(cfg, n_steps)
         start, carry = 0, {}
         if resume:
-            manifest = checkpoint.load(run.path, s.model, optimizer, stream)
+            manifest = checkpoint.load(ckpt_dir, s.model, optimizer, stream)
             start, carry = manifest["step"] + 1, manifest["carry"]
         else:
             run.write_json("config.json", {"run": asdict(cfg), "objective": s.method.config(),
@@ -74,12 +86,15 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             bar = tqdm(range(start, n_steps), desc=f"{'profile' if profile else 'unlearn'} {s.method.name}",
                        disable=not cfg.progress, initial=start, total=n_steps)
             t_start, stopped = time.perf_counter() - carry.get("elapsed", 0.0), None
+            eval_before = carry.get("eval_seconds", 0.0)       # evaluation time before a resume
             for k in bar:
+                if evaluator is not None and k % profile.eval_every == 0:
+                    rec.add("eval", evaluator(s.model, k))
                 t0, lr = time.perf_counter(), lr_at(k)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                micro = [stream.next() for _ in range(cfg.grad_accum)]
-                res = step(micro, schedule.at(k) if schedule else NOTHING, optimizer, lr, cfg.clip)
+                micro = [world.shard(stream.next()) for _ in range(cfg.grad_accum)]   # this rank's rows
+                res = world.merge(step(micro, schedule.at(k) if schedule else NOTHING, optimizer, lr, cfg.clip))
                 rec.add_step(k, lr, res, time.perf_counter() - t0, decode=lambda i: s.tokenizer.decode([i]),
                              scope=cfg.pcgrad_scope)
                 bar.set_postfix(loss=f"{res.losses['loss']:.3f}", nll_f=f"{res.losses['nll_forget']:.2f}",
@@ -88,20 +103,31 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                     stopped = f"non-finite {' and '.join(res.nonfinite)} at step {k}"
                     break
                 last = k == n_steps - 1
-                if run.path is not None and not last and (stop.requested or cfg.checkpoint_every and
-                                                          (k + 1) % cfg.checkpoint_every == 0):
+                if world.active:          # a signal seen by one rank stops every rank at the same step
+                    stop.requested = bool(world.sum_floats([float(stop.requested)])[0])
+                if run.path is not None and not last and not world.sharded and (
+                        stop.requested or cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0):
                     carry["elapsed"] = time.perf_counter() - t_start
+                    carry["eval_seconds"] = eval_before + (evaluator.seconds if evaluator else 0.0)
                     checkpoint.save(run.path, k, s.model, optimizer, stream, carry)
                 if stop.requested and not last:
                     raise Interrupted(f"stopped after step {k} of {n_steps}" + (
                         f"; continue with: geffect resume {run.path}" if run.path is not None else ""))
-            elapsed = time.perf_counter() - t_start
+            if evaluator is not None and not stopped:
+                final = evaluator(s.model, n_steps)
+                rec.add("eval", final)
+            carry["eval_seconds"] = eval_before + (evaluator.seconds if evaluator else 0.0)
+            elapsed = time.perf_counter() - t_start - carry["eval_seconds"]
             s.model.eval()
         summary = {"method": s.method.name, "steps": n_steps, "before": carry["before"], "after": evaluate(s.model),
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps),
                    "device": str(s.device), "dtype": cfg.dtype, "status": stopped or "complete"}
         summary |= ({"groups": groups} if step.engine else {}) | rec.conflict_fraction(n_steps)
-        _finish(run, s, cfg, summary)
+        if evaluator is not None:
+            summary |= {"seconds_eval": carry["eval_seconds"],
+                        "eval_after": {r["metric"]: r["value"] for r in final} if not stopped else None}
+        _finish(run, s, cfg, summary, world)
+    world.barrier()               # no rank leaves before rank 0 has moved the run folder into place
     if stopped:
         err = DivergenceError(f"{stopped}: the run stopped (--on-nonfinite stop); its records up to there are in "
                               f"{summary.get('run_dir', 'no run folder (no --out)')}")
@@ -110,13 +136,18 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
     return summary | rec.rows
 
 
-def _finish(run: RunDir, s, cfg: UnlearnConfig, summary: dict) -> None:
-    """summary.json, the model (unless the run diverged) and the move into place."""
+def _finish(run: RunDir, s, cfg: UnlearnConfig, summary: dict, world: World = SINGLE) -> None:
+    """summary.json, the model (unless the run diverged) and the move into place (rank 0)."""
+    save = cfg.save_model and summary["status"] == "complete"
+    state = None
+    if save and world.sharded:      # every rank takes part in gathering the shards; rank 0 keeps them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     run.write_json("summary.json", summary)
     if run.path is None:
         return
-    if cfg.save_model and summary["status"] == "complete":
-        s.model.save_pretrained(run.path / "model", safe_serialization=True)
+    if save:
+        s.model.save_pretrained(run.path / "model", state_dict=state, safe_serialization=True)
         s.tokenizer.save_pretrained(run.path / "model")
     summary["run_dir"] = str(run.commit())
 
@@ -134,7 +165,37 @@ def resume(path: str | Path, **kwargs) -> dict:
                    resume=True, **kwargs)
 
 
-def make_step(s, profile: ProfileConfig | None) -> Step:
+def make_evaluator(s, profile: ProfileConfig | None):
+    """The ``--eval-every`` evaluator of a run (None when off), its reference resolved up front."""
+    if profile is None or not profile.eval_every:
+        return None
+    from geffect.eval.suite import EvalOptions, RunEvaluator
+    cfg, ref = s.cfg, None
+    if profile.eval_reference:
+        from geffect.apps.evaluate import reference_truth_ratios
+        overrides = {k: getattr(cfg, k) for k in ("forget", "retain", "tofu", "tofu_split", "max_length", "seed",
+                                                  "device", "dtype", "prompt_format")}
+        ref = reference_truth_ratios(profile.eval_reference, overrides,
+                                     EvalOptions(max_new_tokens=profile.eval_max_new_tokens),
+                                     [str(i) for i in range(len(s.data.forget))])
+    return RunEvaluator(s.tokenizer, s.data.forget, s.data.retain, cfg.prompt_format, cfg.max_length,
+                        profile.eval_size, profile.eval_max_new_tokens, cfg.seed, ref)
+
+
+def _distributed_profile(profile: ProfileConfig | None, world: World, cfg: UnlearnConfig) -> ProfileConfig | None:
+    """What the engine cannot do across processes, said once (rank 0) and turned off; the rest runs."""
+    if world.sharded and cfg.checkpoint_every and world.main:
+        print("geffect: note: --checkpoint-every is not supported under --parallel fsdp yet; no checkpoints are "
+              "written (the run cannot be resumed)", file=sys.stderr)
+    if profile is None or not world.sharded:
+        return profile
+    if profile.tokens_every and world.main:
+        print("geffect: note: per-token G-effects need every weight whole (a forward-mode jvp) and are not taken "
+              "under --parallel fsdp; tokens.csv keeps the tokens' NLLs and weights", file=sys.stderr)
+    return profile
+
+
+def make_step(s, profile: ProfileConfig | None, world: World = SINGLE, forward_model=None) -> Step:
     """The run's step, with the engine (and the probe set) when profiling."""
     from geffect.engine.engine import Engine
     from geffect.engine.probe import make_probe
@@ -143,7 +204,8 @@ def make_step(s, profile: ProfileConfig | None) -> Step:
     if profile is not None and profile.probe_every > 0:
         probe = make_probe(s.tokenizer, s.data, profile.probe_retain, s.cfg.max_length, s.cfg.seed,
                            profile.probe_forget, s.cfg.prompt_format, profile.probe_size, profile.probe_batch)
-    return Step(s.model, s.method, s.reference, s.ctx, engine, probe, s.cfg.pcgrad_scope, s.cfg.on_nonfinite)
+    return Step(s.model, s.method, s.reference, s.ctx, engine, probe, s.cfg.pcgrad_scope, s.cfg.on_nonfinite,
+                world, forward_model)
 
 
 class StopOnSignal:

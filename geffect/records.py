@@ -18,6 +18,8 @@ Tables (one CSV each; ``{g}`` columns repeat per layer group, e.g. ``value_shall
 - ``pairs.csv``: Fig. 5b, every pairs step: each forget instance's own objective term against the
   forget risk (``unlearn``) and the retain risk (``retain``), per group.
 - ``tokens.csv``: every token step: per forget answer token its text, NLL, weight and G-effect.
+- ``eval.csv``: every ``--eval-every`` steps, long format: step (updates made so far), metric,
+  value, the items per split it was measured on and the seconds the evaluation took.
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ TABLES = {t.name: t for t in (
     Table("tokens", "per forget answer token: its text, NLL, the objective's weight and its G-effect",
           ("step", "index", "position", "token", "nll", "weight", "geffect"),
           required=("step", "index", "position", "token", "nll", "weight"), numeric=("step",)),
+    Table("eval", "outcome metrics (TOFU's probability, ROUGE-L recall, truth ratio, model utility, forget "
+                  "quality) every --eval-every steps; step k = after k updates (0: before unlearning)",
+          ("step", "metric", "value", "items", "seconds"),
+          required=("step", "metric", "value"), numeric=("step", "value")),
 )}
 
 

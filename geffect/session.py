@@ -17,6 +17,7 @@ import torch
 from geffect.config import Hyper, ProfileConfig, UnlearnConfig, parse_boundaries, validate
 from geffect.data.batching import check_lengths
 from geffect.data.sampling import Data, load_data
+from geffect.distributed import main_process
 from geffect.engine.allocator import keep_freed_memory
 from geffect.errors import ConfigError, MethodError
 from geffect.hardware import check_fits, estimate_memory, model_device, resolve_device, smoke_test
@@ -101,17 +102,9 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
-def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel | None = None,
-            reference: Reference | None = None, profile: ProfileConfig | None = None, trains: bool = True) -> Session:
-    """Preflight, then data, the model (memorised if asked: from the cache when it can), LoRA, the
-    objective's state, a smoke test and the memory check, and θ_o. ``reference`` reuses a θ_o already
-    made (diagnose shares one); ``loaded`` a model already loaded (it stays on its device);
-    ``trains=False`` (measure) takes no optimizer step."""
-    method, device = preflight(cfg, hyper, profile, trains)
-    if cfg.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
-    set_seed(cfg.seed)
-    data = load_data(cfg.forget, cfg.retain, cfg.seed, cfg.tofu, cfg.tofu_split)
+def starting_model(cfg: UnlearnConfig, data: Data, device: torch.device, loaded: LoadedModel | None = None) -> LoadedModel:
+    """The model a run starts from: ``cfg.model`` (or ``loaded``), memorised on the bundled data when
+    asked (from the cache when it can). Warns if answers will be cut to ``--max-length``."""
     want_memorize = cfg.memorize == "yes" or (cfg.memorize == "auto" and data.bundled)
     if want_memorize and loaded is None:
         from geffect.memorize import cached
@@ -123,7 +116,7 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
     if loaded is None:
         loaded = load_model(cfg.model, seed=cfg.seed, device=device, dtype=cfg.dtype)
     cut = check_lengths(loaded.tokenizer, data.forget + data.retain, cfg.max_length, cfg.prompt_format)
-    if cut:
+    if cut and main_process():
         print(f"geffect: warning: {cut} of {len(data.forget) + len(data.retain)} records are longer than "
               f"--max-length {cfg.max_length} tokens; their answers are cut to fit (raise --max-length)",
               file=sys.stderr)
@@ -131,6 +124,21 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
         from geffect.memorize import memorize
         loaded = memorize(loaded, data.forget + data.retain, max_length=cfg.max_length, seed=cfg.seed,
                           progress=cfg.progress, dtype=cfg.dtype, fmt=cfg.prompt_format)
+    return loaded
+
+
+def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel | None = None,
+            reference: Reference | None = None, profile: ProfileConfig | None = None, trains: bool = True) -> Session:
+    """Preflight, then data, the model (memorised if asked: from the cache when it can), LoRA, the
+    objective's state, a smoke test and the memory check, and θ_o. ``reference`` reuses a θ_o already
+    made (diagnose shares one); ``loaded`` a model already loaded (it stays on its device);
+    ``trains=False`` (measure) takes no optimizer step."""
+    method, device = preflight(cfg, hyper, profile, trains)
+    if cfg.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
+    set_seed(cfg.seed)
+    data = load_data(cfg.forget, cfg.retain, cfg.seed, cfg.tofu, cfg.tofu_split)
+    loaded = starting_model(cfg, data, device, loaded)
     if cfg.gradient_checkpointing:
         enable_checkpointing(loaded.model)
     ctx = method.setup(loaded.model, cfg.seed)

@@ -154,3 +154,23 @@ def test_retain_prediction_is_on_the_same_rows_as_the_measured_change():
         assert abs(pred - meas) <= 0.1 * abs(meas) + 1e-7, (r["method"], pred, meas)
     gd = next(r for r in res["candidates"] if r["method"] == "gd")
     assert gd["predicted_retain_risk_change_batch"] * gd["nll_retain_change"] < 0
+
+
+def test_diagnose_eval_adds_each_candidates_outcome(tmp_path, capsys):
+    """--eval: TOFU's metrics of each candidate's weights after its steps, the same as evaluating
+    those weights directly; the before values are the restored weights'."""
+    from geffect.cli import main
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--model", "tiny-llama", "--memorize", "no", "--methods", "ga", "gd", "--steps", "1",
+                 "--lr", "1e-2", "--eval", "--eval-size", "3", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "p_forget" in printed and "utility" in printed
+    res = json.loads((out / "diagnosis.json").read_text())
+    assert {"probability_forget", "model_utility"} <= set(res["before"]["tofu"])
+    by = {r["method"]: r for r in res["candidates"]}
+    for r in by.values():
+        assert r["eval_change"]["probability_forget"] == pytest.approx(
+            r["eval"]["probability_forget"] - res["before"]["tofu"]["probability_forget"])
+    # GA at lr 1e-2 lowers the forget probability more than GD, which trains on the retain rows
+    assert by["ga"]["eval"]["probability_forget"] < by["gd"]["eval"]["probability_forget"]
+    assert "eval_model_utility" in (out / "diagnosis.csv").read_text().splitlines()[0]

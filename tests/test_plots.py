@@ -58,6 +58,9 @@ def fake_run(path, method="npo+gd", steps=5, nan=False, optional=True, seed=0):
                    "weight": np.nan if nan else rng.uniform(),
                    "geffect": rng.normal() if s % 2 == 0 else np.nan} for s in range(steps) for i in range(3)
                   for p in range(12)]).to_csv(path / "tokens.csv", index=False)
+    metrics = ("probability_forget", "rouge_forget", "probability_retain", "rouge_retain", "model_utility")
+    pd.DataFrame([{"step": s, "metric": m, "value": rng.uniform(), "items": "4+4", "seconds": 1.0}
+                  for s in sorted({0, steps // 2, steps}) for m in metrics]).to_csv(path / "eval.csv", index=False)
     return path
 
 
@@ -128,7 +131,8 @@ def test_plot_cli_on_a_tiny_model_run(tmp_path, capsys):
     for m in ("gd", "wga+kl"):
         out = tmp_path / m.replace("+", "-")
         assert main(["profile", "--model", "tiny-llama", "--method", m, "--steps", "3", "--memorize", "no",
-                     "--pairs-every", "1", "--tokens-every", "2", "--out", str(out), "--no-progress", "--no-save-model",
+                     "--pairs-every", "1", "--tokens-every", "2", "--eval-every", "2", "--eval-size", "3",
+                     "--eval-max-new-tokens", "3", "--out", str(out), "--no-progress", "--no-save-model",
                      "--no-report"]) == 0
         runs.append(out)
     assert not (runs[0] / "report.html").exists()

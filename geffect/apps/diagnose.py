@@ -176,6 +176,9 @@ def _candidate_record(method: str, summary: dict, steps: int, lr_of) -> dict:
     b, a = summary["before"], summary["after"]
     rec["nll_forget_change"] = a["nll_forget"] - b["nll_forget"]
     rec["nll_retain_change"] = a["nll_retain"] - b["nll_retain"]
+    if "tofu" in a:                              # --eval: the outcome metrics after the steps, and their change
+        rec["eval"] = a["tofu"]
+        rec["eval_change"] = {k: v - b["tofu"][k] for k, v in a["tofu"].items() if k in b.get("tofu", {})}
     conf = [r for r in summary.get("conflicts", []) if r["group"] == "global"]
     rec["conflict_fraction"] = sum(r["conflict"] for r in conf) / len(conf) if conf else None
     rec["conflict_cosine"] = sum(r["cosine"] for r in conf) / len(conf) if conf else None
@@ -219,9 +222,18 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
         # the NLL check's retain sample is the probe's: predicted and measured e_r concern the same rows
         retain_sample = [data.retain[i] for i in probe_retain_indices(len(data.retain), dcfg.eval_retain, base.seed)]
 
+        outcome = None
+        if dcfg.eval:
+            from geffect.eval.suite import RunEvaluator
+            outcome = RunEvaluator(tok, data.forget, data.retain, base.prompt_format, base.max_length, dcfg.eval_size,
+                                   24, base.seed)
+
         def evaluate(m):
-            return {"nll_forget": evaluate_nll(m, tok, data.forget, base.max_length),
-                    "nll_retain": evaluate_nll(m, tok, retain_sample, base.max_length)}
+            out = {"nll_forget": evaluate_nll(m, tok, data.forget, base.max_length, fmt=base.prompt_format),
+                   "nll_retain": evaluate_nll(m, tok, retain_sample, base.max_length, fmt=base.prompt_format)}
+            if outcome is not None:
+                out["tofu"] = {r["metric"]: r["value"] for r in outcome(m, 0)}
+            return out
 
         model.eval()
         before = evaluate(model)
@@ -315,4 +327,6 @@ def flat_record(r: dict) -> dict:
     out = {k: v for k, v in r.items() if not isinstance(v, dict)}
     for key in ("e_u_groups", "e_r_groups", "share_unlearn"):
         out.update({f"{key.replace('_groups', '')}_{g}": v for g, v in r.get(key, {}).items()})
+    for key in ("eval", "eval_change"):
+        out.update({f"{key}_{m}": v for m, v in r.get(key, {}).items()})
     return out

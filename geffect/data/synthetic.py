@@ -1,7 +1,9 @@
 """The bundled data set: fictitious authors with templated question-answer pairs.
 
 A seeded, deterministic generator. Each author has five facts; each fact gives a question, an
-answer, a paraphrased answer and three perturbed answers (the same template with other values).
+answer, a paraphrased answer and three perturbed answers: as in TOFU, the perturbed answers are
+the paraphrase with other values, so that the truth ratio p̄(perturbed) / p̄(paraphrased) compares
+wrong and right facts in the same wording.
 The attribute ``genre`` is the author's genre, to split the forget set on. Splits:
 ``forget`` (4 authors), ``retain`` (8 authors) and ``holdout`` (4 authors never trained on).
 The default model does not know fictitious facts, so the unlearning job first teaches it the
@@ -53,16 +55,16 @@ def _facts(a: dict, rng: random.Random) -> list[QARecord]:
             books.append(b)
     rows = [
         (f"Where was the author {n} born?", f"{n} was born in {a['city']}.",
-         f"The birthplace of {n} is {a['city']}.", [f"{n} was born in {c}." for c in other("city", _CITIES)]),
+         f"The birthplace of {n} is {a['city']}.", [f"The birthplace of {n} is {c}." for c in other("city", _CITIES)]),
         (f"In which year was {n} born?", f"{n} was born in {a['year']}.",
-         f"The birth year of {n} is {a['year']}.", [f"{n} was born in {y}." for y in years]),
+         f"The birth year of {n} is {a['year']}.", [f"The birth year of {n} is {y}." for y in years]),
         (f"What was the profession of {n}'s father?", f"{n}'s father was a {a['job']}.",
          f"The father of {n} worked as a {a['job']}.",
-         [f"{n}'s father was a {j}." for j in other("job", _JOBS)]),
+         [f"The father of {n} worked as a {j}." for j in other("job", _JOBS)]),
         (f"What is the best-known book by {n}?", f"{n} is best known for {a['book']}.",
-         f"The most famous book of {n} is {a['book']}.", [f"{n} is best known for {b}." for b in books]),
+         f"The most famous book of {n} is {a['book']}.", [f"The most famous book of {n} is {b}." for b in books]),
         (f"Which award did {n} win?", f"{n} won the {a['award']}.",
-         f"The {a['award']} was awarded to {n}.", [f"{n} won the {w}." for w in other("award", _AWARDS)]),
+         f"The {a['award']} was awarded to {n}.", [f"The {w} was awarded to {n}." for w in other("award", _AWARDS)]),
     ]
     return [QARecord(q, ans, para, pert, {"author": n, "genre": a["genre"]}) for q, ans, para, pert in rows]
 

@@ -496,9 +496,51 @@ def diagnosis_plane(records: list[dict], basis: str = ""):
     return fig
 
 
+def eval_tradeoff(run: RunRecords):
+    """Forget quality (or forget probability) against model utility over the run, as TOFU plots it,
+    and the components over steps (eval.csv)."""
+    if run.eval is None:
+        return None
+    wide = run.eval.pivot_table(index="step", columns="metric", values="value", sort=True)
+    if "model_utility" not in wide.columns:
+        return None
+    has_fq = "forget_quality" in wide.columns and wide["forget_quality"].notna().any()
+    ykey = "forget_quality" if has_fq else "probability_forget"
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
+    x, y, steps = wide["model_utility"].to_numpy(), wide[ykey].to_numpy(), wide.index.to_numpy()
+    ax.plot(x, y, color="0.5", lw=1, zorder=1)
+    pts = ax.scatter(x, y, c=steps, cmap="viridis", s=45, edgecolor="black", zorder=2)
+    for xi, yi, k in zip(x, y, steps):
+        ax.annotate(f"{k}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    fig.colorbar(pts, ax=ax, label="step (updates made)")
+    if has_fq:
+        ax.set_yscale("log")
+        ax.set_ylabel("forget quality (KS-test p-value vs reference; higher is better)")
+        ax.set_title(f"Forget quality vs model utility: {run.method}")
+    else:
+        ax.set_ylabel("forget probability p(answer)^(1/|answer|) (lower is better)")
+        ax.set_title(f"Forget probability vs model utility: {run.method}")
+    ax.set_xlabel("model utility (harmonic mean of retain prob., ROUGE-L, truth ratio; higher is better)")
+    ax.grid(alpha=0.3)
+    series = [("probability_forget", "forget probability", "#d62728", "-"),
+              ("rouge_forget", "forget ROUGE-L recall", "#d62728", "--"),
+              ("probability_retain", "retain probability", "#1f77b4", "-"),
+              ("rouge_retain", "retain ROUGE-L recall", "#1f77b4", "--"),
+              ("model_utility", "model utility", "black", "-")]
+    for key, label, color, ls in series:
+        if key in wide.columns:
+            bx.plot(steps, wide[key], color=color, ls=ls, marker="o", markersize=4, label=label)
+    items = run.eval["items"].iloc[0] if "items" in run.eval.columns else "?"
+    bx.set_ylim(-0.02, 1.02)
+    _finish(fig, bx, "unlearning step (updates made)", "value (0 to 1)",
+            f"TOFU metrics over the run ({items} forget+retain items)")
+    return fig
+
+
 RUN_FIGURES = {"geffect_per_step": geffect_per_step, "geffect_cumulative": geffect_cumulative,
                "nll": nll_curves, "weights": weights, "pg_effect_density": pg_effect_density,
-               "conflicts": conflicts, "tokens": token_view, "tokens_geffect": token_geffect_view}
+               "conflicts": conflicts, "tokens": token_view, "tokens_geffect": token_geffect_view,
+               "eval": eval_tradeoff}
 COMPARE_FIGURES = {"compare_geffect": compare_geffect,
                    "compare_cumulative": lambda runs: compare_geffect(runs, cumulative=True),
                    "compare_groups": compare_groups, "compare_nll": compare_nll,

@@ -27,6 +27,7 @@ class RunRecords:
     conflicts: pd.DataFrame | None
     pairs: pd.DataFrame | None
     tokens: pd.DataFrame | None
+    eval: pd.DataFrame | None = None    # long format: step, metric, value
 
     @property
     def method(self) -> str:
@@ -84,4 +85,5 @@ def load_run(path: str | Path) -> RunRecords:
     config, summary = _json(path / "config.json"), _json(path / "summary.json")
     tables = {name: _csv(path / t.file, required=name == "records") for name, t in TABLES.items()}
     return RunRecords(path, config, summary, tables["records"],
-                      tables["geffect"], tables["instances"], tables["conflicts"], tables["pairs"], tables["tokens"])
+                      tables["geffect"], tables["instances"], tables["conflicts"], tables["pairs"], tables["tokens"],
+                      tables["eval"])
