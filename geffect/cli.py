@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 
-from geffect.config import DiagnoseConfig, Hyper, ProfileConfig, UnlearnConfig
+from geffect.config import DiagnoseConfig, Hyper, ProfileConfig, SpungeConfig, UnlearnConfig
 from geffect.errors import DivergenceError, GeffectError
 
 
@@ -129,7 +129,43 @@ def _build_parser() -> argparse.ArgumentParser:
                         skip=("probe_every", "probe_retain", "probe_size", "probe_batch", "probe_forget"))
     m.add_argument("--json", action="store_true", help="print JSON: unlearn, retain, per_instance")
     _add_eval_parser(sub)
+    _add_merge_parsers(sub)
     return p
+
+
+def _add_merge_parsers(sub) -> None:
+    lam_help = SpungeConfig.__dataclass_fields__["lam"].metadata["help"]
+    g = sub.add_parser("merge", help="merge models fine-tuned from one base (TIES or task arithmetic)",
+                       description="θ = θ_base + λ·merge(θ_i − θ_base): TIES (trim each task vector to its --density "
+                                   "share of largest entries, elect each coordinate's sign by mass, average the "
+                                   "agreeing entries) or task arithmetic (the sum). Streams tensor by tensor from "
+                                   "safetensors; writes a Hugging Face model folder.")
+    g.add_argument("base", metavar="BASE", help="the base model: a safetensors model folder (streamed), or any "
+                                                "--model geffect loads (built-in name, .gguf, hub id)")
+    g.add_argument("models", nargs="+", metavar="MODEL", help="safetensors model folders fine-tuned from BASE")
+    for name in ("merge", "density", "trim"):
+        f = SpungeConfig.__dataclass_fields__[name]
+        g.add_argument("--method" if name == "merge" else "--" + name, dest=name, type=type(f.default),
+                       default=f.default, choices=f.metadata.get("choices"),
+                       help=f"{'how the models are merged' if name == 'merge' else f.metadata['help']} "
+                            f"(default: {f.default})")
+    g.add_argument("--lambda", dest="lam", type=float, default=1.0, help=f"{lam_help} (default: 1.0)")
+    g.add_argument("--out", required=True, help="model folder to create (must not exist or be empty)")
+    g.add_argument("--overwrite", action="store_true", help="replace an --out folder geffect wrote")
+
+    s = sub.add_parser("spunge", help="split the forget set by an attribute, unlearn each split, merge with TIES",
+                       description="Spunge (split, unlearn, merge): one unlearning run of --method per value of "
+                                   "--split-by, each from the same base model, then a TIES merge of the runs' "
+                                   "models; with --compare the method on the whole forget set too. Writes the runs, "
+                                   "the merged model, spunge.csv (forget and retain NLL per attribute value for "
+                                   "base, plain and Spunge) and figures into --out.")
+    _add_dataclass_args(s, UnlearnConfig)
+    _add_dataclass_args(s.add_argument_group("objective hyperparameters"), Hyper)
+    _add_dataclass_args(s.add_argument_group("Spunge"), SpungeConfig, skip=("lam",))
+    s.add_argument("--lambda", dest="lam", type=float, default=1.0, help=f"{lam_help} (default: 1.0)")
+    s.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    s.add_argument("--overwrite", action="store_true", help="replace an --out folder geffect wrote")
+    s.add_argument("--json", action="store_true", help="print spunge.json's content")
 
 
 def _add_eval_parser(sub) -> None:
@@ -378,6 +414,47 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geffect.config import validate
+    from geffect.merge import SafetensorsSource, as_source, merged_tensors, write_merged
+    from geffect.rundir import RunDir
+    validate(SpungeConfig(merge=ns.merge, density=ns.density, lam=ns.lam, trim=ns.trim))
+    run = RunDir(ns.out, ns.overwrite)             # refuses an unsafe --out before any work
+    models = [SafetensorsSource(m) for m in ns.models]
+    if Path(ns.base).is_dir() and any(Path(ns.base).glob("*.safetensors")):
+        base = SafetensorsSource(ns.base)
+    else:
+        from geffect.models import load_model
+        base = as_source(load_model(ns.base).model, ns.base)
+    with run:
+        write_merged(merged_tensors(base, models, ns.merge, ns.density, ns.lam, ns.trim), run.path,
+                     like=Path(ns.models[0]))
+        out = run.commit()
+    print(f"merged {len(models)} models onto {ns.base} ({ns.merge}"
+          + (f", density {ns.density:g}, trim per {ns.trim}" if ns.merge == "ties" else "")
+          + f", λ {ns.lam:g}); written to {out}")
+    return 0
+
+
+def cmd_spunge(ns: argparse.Namespace) -> int:
+    from geffect.apps.spunge import spunge
+    res = spunge(_split(ns, UnlearnConfig), _split(ns, SpungeConfig), ns.out, _split(ns, Hyper),
+                 overwrite=ns.overwrite)
+    if ns.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    import pandas as pd
+    t = pd.DataFrame(res["table"])
+    t = t[t["model"].isin(["base", "plain", "spunge"])].pivot_table(index=["split", "value"], columns="model",
+                                                                      values="nll", sort=False)
+    print(f"mean answer NLL per {res['split_by']} (forget: higher is more forgotten; retain: lower is better)")
+    print(t.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"{len(res['splits'])} splits in {res['seconds']:.0f} s; written to {res['out']}")
+    return 0
+
+
 def _metric_table(metrics: dict) -> str:
     lines = [f"  {'metric':<28} {'value':>12}"]
     for k, v in metrics.items():
@@ -389,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
     verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot,
-             "diagnose": cmd_diagnose, "resume": cmd_resume, "eval": cmd_eval}
+             "diagnose": cmd_diagnose, "resume": cmd_resume, "eval": cmd_eval,
+             "merge": cmd_merge, "spunge": cmd_spunge}
     try:
         return verbs[ns.verb](ns)
     except GeffectError as err:

@@ -29,7 +29,7 @@ def opt(default, help: str, **check):
 class UnlearnConfig:
     """Settings of an unlearning run."""
     method: str = opt("npo+gd", "forget objective [+ retain regulariser] [+pcgrad], e.g. ga, gd, npo+gd, npo+kl, "
-                                "wga+kl, rmu, llmu, gd+pcgrad")
+                                "wga+kl, rmu, rmu-wmdp, rmu-full, llmu, tvn (with --lora), gd+pcgrad")
     model: str = opt(DEFAULT_MODEL, "built-in name (smollm2-135m, tiny-llama, tiny-gpt2), local HF dir, .gguf file "
                                     "or hub id")
     forget: str | None = opt(None, "forget set, TOFU-format JSON or JSON Lines (default: the bundled fictitious "
@@ -106,11 +106,14 @@ class Hyper:
     wtnpo_alpha: float = opt(1.5, "WTNPO α", min=0)
     wtnpo_beta: float = opt(4.0, "WTNPO β", gt=0)
     dpo_beta: float = opt(0.1, "IdkDPO β", gt=0)
-    rmu_layer: int | None = opt(None, "RMU layer ℓ (default: a quarter of the depth); layers ℓ-2..ℓ are updated",
+    rmu_layer: int | None = opt(None, "RMU layer ℓ (default: a quarter of the depth; rmu-wmdp: 7 of 32 blocks, "
+                                      "scaled to the depth); layers ℓ-2..ℓ are updated (rmu-full: every layer)",
                                 min=0)
-    rmu_coeff: float = opt(6.5, "RMU control scale c", gt=0)
+    rmu_coeff: float | None = opt(None, "RMU control scale c (default: 6.5 for rmu and rmu-wmdp, as WMDP; 2 for "
+                                        "rmu-full, as the G-effect paper)", gt=0)
     llmu_ga: float = opt(0.5, "LLMU weight of the GA term", min=0)
     llmu_mismatch: float = opt(1.0, "LLMU weight of the random-mismatch term", min=0)
+    tvn_lambda: float = opt(1.0, "TVN: scale λ of the negated LoRA task vector, θ = θ_base − λ·ΔW", gt=0)
 
 
 @dataclass
@@ -169,6 +172,24 @@ class DiagnoseConfig:
                             "utility) of each candidate's weights after its steps, on --eval-size items per split, "
                             "so the ranking can be checked against the outcome")
     eval_size: int = opt(8, "forget and retain items of the --eval measurement, a seeded sample (0: all)", min=0)
+
+
+@dataclass
+class SpungeConfig:
+    """Settings of ``geffect spunge`` (split the forget set, unlearn each part, merge with TIES)."""
+    split_by: str = opt("genre", "record field to split the forget set by (e.g. genre, author, group); every "
+                                 "forget record must have it")
+    min_split: int = opt(2, "fewest forget records a split may have", min=1)
+    small_splits: str = opt("error", "splits below --min-split: error, or pool them into one split named 'pooled'",
+                            choices=("error", "pool"))
+    merge: str = opt("ties", "how the split runs' models are merged", choices=("ties", "task-arithmetic"))
+    density: float = opt(0.2, "TIES: share of each task vector's entries kept (by magnitude)", gt=0, max=1)
+    lam: float = opt(1.0, "scale λ of the merged task vector (θ = θ_base + λ·τ)", gt=0)
+    trim: str = opt("tensor", "TIES trim scope: per tensor (PEFT, mergekit) or over the whole model (original TIES)",
+                    choices=("tensor", "model"))
+    compare: bool = opt(True, "also run the method on the whole forget set with the same steps (the plain "
+                              "baseline of the per-attribute table)")
+    profile: bool = opt(False, "profile every run (G-effects per layer group of each split's run, side by side)")
 
 
 def flag(name: str) -> str:

@@ -52,7 +52,8 @@ def forward(model, reference: Reference | None, batch, method: Method, ctx: Obje
         out = outs[0]
         nll, mask = fn.token_nll(out.logits, batch.labels)
         fo = ForwardOut(nll, mask, out.logits, batch.labels, batch.segments,
-                        hidden=out.hidden_states[layer + 1] if layer is not None else None)
+                        hidden=out.hidden_states[layer + 1] if layer is not None else None,
+                        attention=batch.attention_mask)
     else:
         fo = _chunked(outs, chunks, batch, layer, method.needs_ref_logits)
     if method.needs_ref:
@@ -87,8 +88,9 @@ def _chunked(outs, chunks: list[torch.Tensor], batch, hidden_layer: int | None, 
             return assemble([t if j == k else t.detach() for j, t in enumerate(ts)])
         views.append(ForwardOut(own([n for n, _ in per]), mask,
                                 own([o.logits for o in outs]) if view_logits else None, batch.labels,
-                                batch.segments, hidden=own(hid) if hid is not None else None))
+                                batch.segments, hidden=own(hid) if hid is not None else None,
+                                attention=batch.attention_mask))
     fo = ForwardOut(assemble([n for n, _ in per]), mask, None, batch.labels, batch.segments,
-                    hidden=assemble(hid) if hid is not None else None)
+                    hidden=assemble(hid) if hid is not None else None, attention=batch.attention_mask)
     fo.views, fo.nll_leaves, fo.row_inv = views, [n for n, _ in per], inv
     return fo

@@ -113,6 +113,9 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                 if stop.requested and not last:
                     raise Interrupted(f"stopped after step {k} of {n_steps}" + (
                         f"; continue with: geffect resume {run.path}" if run.path is not None else ""))
+            if s.method.forget_entry.negate_after and not stopped:     # TVN: θ_base − λ·ΔW, adapters removed
+                from geffect.lora import negate_adapters
+                s.loaded = replace(s.loaded, model=negate_adapters(s.model, s.method.hyper.tvn_lambda))
             if evaluator is not None and not stopped:
                 final = evaluator(s.model, n_steps)
                 rec.add("eval", final)

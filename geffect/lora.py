@@ -66,3 +66,17 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets),
                      lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+def negate_adapters(model: torch.nn.Module, lam: float = 1.0) -> torch.nn.Module:
+    """TVN's last step: θ = θ_base − λ·ΔW with ΔW = (α/r)·B·A materialised per adapted weight
+    (REFERENCE.md §4), the adapters removed. Returns the base model (changed in place)."""
+    from geffect.merge import lora_delta
+    delta = lora_delta(model)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            key = name.removeprefix("base_model.model.") + ".weight"
+            if key in delta and hasattr(mod, "get_base_layer"):
+                w = mod.get_base_layer().weight
+                w -= lam * delta[key].to(w.dtype)
+    return model.unload()

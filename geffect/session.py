@@ -83,6 +83,9 @@ def preflight(cfg: UnlearnConfig, hyper: Hyper | None = None, profile: ProfileCo
     if cfg.lora:
         from geffect.lora import parse_lora
         parse_lora(cfg.lora)
+    elif method.forget_entry.negate_after:
+        raise ConfigError(f"--method {method.name}: task-vector negation fine-tunes LoRA adapters and negates their "
+                          "ΔW; pass --lora (the Spunge paper: --lora r=16,alpha=32,targets=q_proj,v_proj)")
     return method, device
 
 

@@ -11,7 +11,7 @@ from geffect.models import tiny_model
 def test_bundled_splits_are_deterministic_and_complete():
     a, b = default_splits(0), default_splits(0)
     assert [r.answer for r in a["forget"]] == [r.answer for r in b["forget"]]
-    assert default_splits(1)["forget"][0].answer != a["forget"][0].answer or True
+    assert [r.answer for r in default_splits(1)["forget"]] != [r.answer for r in a["forget"]]
     for name in ("forget", "retain", "holdout"):
         assert a[name]
         for r in a[name]:
@@ -65,3 +65,42 @@ def test_prompt_longer_than_max_length(tmp_path):
     with pytest.raises(DataError) as err:
         check_lengths(tok, recs, 64)
     assert f"{p}:2" in str(err.value) and "field 'question'" in str(err.value)
+
+
+def test_plain_text_records_count_every_token(tmp_path):
+    """A ``text`` record (a corpus line, as WMDP's forget sets) is read, written back, and encoded with
+    every text token labelled (only the tokenizer's BOS is prompt) in every prompt format."""
+    from geffect.data.batching import IGNORE, encode_pair
+    from geffect.data.records import load_records, write_records
+    from geffect.models import tiny_model
+    f = tmp_path / "corpus.jsonl"
+    f.write_text('{"text": "Hazardous fact one.", "domain": "bio"}\n{"text": "Another line.", "domain": "cyber"}\n')
+    recs = load_records(f)
+    assert [(r.question, r.answer, r.attributes) for r in recs] == [
+        ("", "Hazardous fact one.", {"domain": "bio"}), ("", "Another line.", {"domain": "cyber"})]
+    assert [(r.answer, r.attributes) for r in load_records(write_records(recs, tmp_path / "back.json"))] == \
+        [(r.answer, r.attributes) for r in recs]
+    tok = tiny_model("tiny-llama").tokenizer
+    text_ids = tok("Hazardous fact one.", add_special_tokens=False)["input_ids"]
+    for fmt in ("chat", "raw", "tofu-llama2"):
+        ids, labels = encode_pair(tok, "", "Hazardous fact one.", 128, fmt=fmt)
+        lead = len(ids) - len(text_ids) - 1                       # BOS, if the tokenizer adds one; then EOS
+        assert ids[lead:-1] == text_ids and labels[:lead] == [IGNORE] * lead and labels[lead:] == ids[lead:]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "  "}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text' must be a non-empty string"):
+        load_records(bad)
+
+
+def test_unlearning_a_plain_text_forget_set(tmp_path):
+    """GA and WMDP's RMU run on a corpus forget set (text records) beside a QA retain set."""
+    import json
+
+    from geffect.config import UnlearnConfig
+    from geffect.loop import unlearn
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("".join(json.dumps({"text": f"Secret line number {i} about topic {i % 2}."}) + "\n" for i in range(6)))
+    for method in ("ga+gd", "rmu-wmdp"):
+        s = unlearn(UnlearnConfig(method=method, model="tiny-llama", forget=str(f), memorize="no", steps=2,
+                                  lr=1e-3, forget_batch=2, retain_batch=2, progress=False, save_model=False))
+        assert s["status"] == "complete" and s["after"]["nll_forget"] != s["before"]["nll_forget"], method

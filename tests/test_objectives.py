@@ -108,7 +108,7 @@ def test_rmu_parts():
 
 
 ALL_METHODS = ["ga", "gd", "npo", "npo+gd", "npo+kl", "simnpo+gd", "wga+kl", "tnpo", "wtnpo+gd", "po+gd",
-               "idkdpo+gd", "rmu", "llmu"]
+               "idkdpo+gd", "rmu", "rmu-wmdp", "rmu-full", "llmu", "tvn"]
 
 
 def _setup(tiny, spec):
@@ -203,7 +203,9 @@ def _synthetic_out():
     assert torch.equal(m, mask)
     segs = {"forget": slice(0, 2), "retain": slice(2, 4), "idk": slice(4, 6), "mismatch": slice(6, 8)}
     ref_logits, ref_hidden = torch.randn(N, T, V, generator=g), torch.randn(N, T, d, generator=g)
-    out = ForwardOut(nll, mask, logits, labels, segs, hidden=torch.randn(N, T, d, generator=g),
+    attention = torch.ones(N, T)
+    attention[1, -2:] = attention[3, -1:] = 0                             # padding on a forget and a retain row
+    out = ForwardOut(nll, mask, logits, labels, segs, hidden=torch.randn(N, T, d, generator=g), attention=attention,
                      ref_nll=torch.rand(N, T - 1, generator=g) * 3 * mask,
                      ref_logits={"retain": ref_logits[segs["retain"]]}, ref_hidden={"retain": ref_hidden[segs["retain"]]})
     out.full_ref = ref_logits, ref_hidden   # the twins index the full tensors by row
@@ -233,6 +235,11 @@ def _weighted(out, i, w):          # (1/|y|) Σ_t w_t·log p_t
 
 def _mse(out, i, target):          # mean over answer positions (hidden t predicts token t+1) of mean_d (h − c)²
     ts = [t for t in range(out.mask.shape[1]) if out.mask[i, t]]
+    return sum(((out.hidden[i, t] - target(i, t)) ** 2).mean().item() for t in ts) / len(ts)
+
+
+def _mse_text(out, i, target):     # mean over every real token position (prompt and answer) of mean_d (h − c)²
+    ts = [t for t in range(out.attention.shape[1]) if out.attention[i, t]]
     return sum(((out.hidden[i, t] - target(i, t)) ** 2).mean().item() for t in ts) / len(ts)
 
 
@@ -280,10 +287,15 @@ def _formulas():
             -(2 / h.dpo_beta) * _logsig(h.dpo_beta * ((_lp(o, w) - _lp(o, w, True)) - (_lp(o, lo) - _lp(o, lo, True))))
             for w, lo in zip(_rows(o, "idk"), _rows(o, "forget"))),
         ("forget", "rmu"): lambda o, c: _mean(_mse(o, i, lambda i, t: c.control) for i in _rows(o, "forget")),
+        ("forget", "rmu-full"): lambda o, c: _mean(_mse(o, i, lambda i, t: c.control) for i in _rows(o, "forget")),
+        ("forget", "rmu-wmdp"): lambda o, c: _mean(_mse_text(o, i, lambda i, t: c.control) for i in _rows(o, "forget")),
+        ("forget", "tvn"): ln("forget"),
         ("forget", "llmu"): lambda o, c: -h.llmu_ga * ln("forget")(o, c) + h.llmu_mismatch * ln("mismatch")(o, c),
         ("retain", "gd"): ln("retain"),
         ("retain", "kl"): lambda o, c: _mean(_kl_row(o, i) for i in _rows(o, "retain")),
         ("retain", "rmu"): lambda o, c: _mean(_mse(o, i, lambda i, t: o.full_ref[1][i, t]) for i in _rows(o, "retain")),
+        ("retain", "rmu-wmdp"): lambda o, c: _mean(_mse_text(o, i, lambda i, t: o.full_ref[1][i, t])
+                                                   for i in _rows(o, "retain")),
     }
 
 
@@ -296,3 +308,53 @@ def test_every_registered_objective_against_its_formula():
         entry = (FORGET if role == "forget" else RETAIN)[name]
         got = entry.loss(out, h, ctx).value.item()
         assert got == pytest.approx(formula(out, ctx), rel=1e-5, abs=1e-6), (role, name)
+
+
+@pytest.mark.parametrize("kind,proj", [("tiny-llama", "mlp.down_proj.weight"), ("tiny-gpt2", "mlp.c_proj.weight")])
+def test_rmu_variants_train_what_their_references_train(kind, proj):
+    """rmu-wmdp: only the MLP output projections of blocks ℓ−2..ℓ (ℓ = 7 of 32, scaled); rmu-full:
+    every parameter, c = 2; rmu: whole blocks ℓ−2..ℓ, c = 6.5."""
+    from geffect.config import Hyper
+    from geffect.layers import find_blocks
+    from geffect.models import tiny_model
+    from geffect.objectives.registry import FORGET, rmu_layer
+    assert [rmu_layer(Hyper(), n, of_32=7) for n in (32, 24, 30, 8)] == [7, 5, 7, 2]
+    assert rmu_layer(Hyper(rmu_layer=3), 32, of_32=7) == 3
+    model = tiny_model(kind, seed=0, layers=8).model
+    prefix, _blocks = find_blocks(model)
+    ctx = FORGET["rmu-wmdp"].setup(model, Hyper(), 0)
+    assert ctx.hidden_layer == 2
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"{prefix}.{i}.{proj}" for i in (0, 1, 2)}
+    assert ctx.control.norm().item() == pytest.approx(6.5)
+    model = tiny_model(kind, seed=0, layers=8).model
+    ctx = FORGET["rmu-full"].setup(model, Hyper(), 0)         # freezes nothing: every trained parameter trains
+    assert all(p.requires_grad for p in model.parameters())
+    assert ctx.control.norm().item() == pytest.approx(2.0) and ctx.hidden_layer == 2
+    ctx = FORGET["rmu"].setup(model, Hyper(rmu_coeff=3.0), 0)
+    assert ctx.control.norm().item() == pytest.approx(3.0)
+    trained = {n.split(".")[len(prefix.split("."))] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"0", "1", "2"}
+
+
+def test_rmu_losses_at_known_points():
+    """At h = c·u on every counted token the forget part is 0; a prompt token far from c·u moves
+    rmu-wmdp's loss (every token) but not rmu's (answer tokens)."""
+    from geffect.config import Hyper
+    from geffect.objectives import ForwardOut, ObjectiveContext
+    from geffect.objectives.registry import FORGET
+    d, T = 4, 5
+    control = torch.full((d,), 0.5)
+    labels = torch.tensor([[-100, -100, 3, 1, -100]])
+    nll, mask = fn.token_nll(torch.zeros(1, T, 6), labels)
+    hidden = control.expand(1, T, d).clone()
+    out = ForwardOut(nll, mask, None, labels, {"forget": slice(0, 1)}, hidden=hidden,
+                     attention=torch.tensor([[1, 1, 1, 1, 0]]))
+    ctx = ObjectiveContext(hidden_layer=0, control=control)
+    assert FORGET["rmu"].loss(out, Hyper(), ctx).value.item() == 0
+    assert FORGET["rmu-wmdp"].loss(out, Hyper(), ctx).value.item() == 0
+    out.hidden[0, 0] += 2.0                        # a prompt position: (2²) per unit, 1 of 4 real tokens
+    assert FORGET["rmu"].loss(out, Hyper(), ctx).value.item() == 0
+    assert FORGET["rmu-wmdp"].loss(out, Hyper(), ctx).value.item() == pytest.approx(4.0 / 4)
+    out.hidden[0, 4] += 9.0                        # padding counts for neither
+    assert FORGET["rmu-wmdp"].loss(out, Hyper(), ctx).value.item() == pytest.approx(1.0)

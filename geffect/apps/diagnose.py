@@ -37,9 +37,12 @@ from geffect.objectives.registry import FORGET, retain_names
 
 def default_candidates() -> list[str]:
     """Every forget objective alone and with each retain regulariser, plus +pcgrad where a retain part
-    exists (an objective with its own retain part: alone and +pcgrad)."""
+    exists (an objective with its own retain part: alone and +pcgrad). RMU's variants and TVN are
+    left out (name them with ``--methods``)."""
     out = []
     for name, entry in FORGET.items():
+        if not entry.candidate:         # RMU's reference variants and TVN (needs --lora): name them with --methods
+            continue
         if entry.own_retain:
             out += [name, f"{name}+pcgrad"]
             continue
@@ -126,7 +129,7 @@ def reasons(r: dict, records: list[dict]) -> list[str]:
 
 # ---- running the candidates -------------------------------------------------------------------
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -237,7 +240,7 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
 
         model.eval()
         before = evaluate(model)
-        snap = _snapshot(model)
+        snap = snapshot(model)
         reference = Reference.frozen_copy(model)   # θ_o is the same for every candidate: one copy
         records, effect_rows, conflict_rows = [], [], []
         cfg = replace(base, steps=dcfg.steps, lr=dcfg.lr, warmup_steps=0, forget_batch=dcfg.forget_batch,

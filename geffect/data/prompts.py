@@ -63,8 +63,14 @@ class PromptFormat:
         return tok(self.prompt_text(tok, question), add_special_tokens=True)["input_ids"]
 
     def encode(self, tok, question: str, answer: str) -> tuple[list[int], int]:
-        """(token ids of prompt + answer + end-of-sequence, number of prompt tokens)."""
+        """(token ids of prompt + answer + end-of-sequence, number of prompt tokens). A plain-text
+        record (empty question) is its text alone, every token counted: only the tokenizer's own
+        leading special tokens (BOS) are prompt, whatever the format."""
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        if not question:
+            ids = tok(answer, add_special_tokens=True)["input_ids"]
+            lead = len(tok("", add_special_tokens=True)["input_ids"])
+            return ids + eos, lead
         if self.name == "chat":
             prompt = self.prompt_ids(tok, question)
             return prompt + tok(answer, add_special_tokens=False)["input_ids"] + eos, len(prompt)

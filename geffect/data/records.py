@@ -2,6 +2,8 @@
 
 Fields: ``question`` and ``answer`` (required), ``paraphrased_answer`` and ``perturbed_answer``
 (list, optional); every other field is kept in ``attributes`` (e.g. ``author``, ``group``).
+A record with a ``text`` field instead (a corpus, as WMDP's and Spunge's forget sets are) is plain
+text: question empty, every token of the text counted by the objectives (GA, NPO, RMU …).
 Bad input raises :class:`DataError` naming the file, the line and the field.
 """
 from __future__ import annotations
@@ -30,6 +32,10 @@ def record_from_dict(obj, where: str) -> QARecord:
     """Validate one JSON object; ``where`` is ``file:line`` for error messages."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "text" in obj and "question" not in obj and "answer" not in obj:     # a plain-text (corpus) record
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise DataError(f"{where}: field 'text' must be a non-empty string")
+        return QARecord("", obj["text"], attributes={k: v for k, v in obj.items() if k != "text"}, source=where)
     for name in ("question", "answer"):
         if name not in obj:
             raise DataError(f"{where}: missing field '{name}'")
@@ -105,3 +111,24 @@ def _json_array(text: str, path: Path):
         else:
             line = text.count("\n", 0, min(i, n)) + 1
             raise DataError(f"{path}:{line}: invalid JSON (expected ',' or ']' between records)")
+
+
+def record_to_dict(r: QARecord) -> dict:
+    """The JSON object :func:`record_from_dict` reads back (attributes as top-level fields)."""
+    if not r.question:
+        return {"text": r.answer} | dict(r.attributes)
+    out = {"question": r.question, "answer": r.answer}
+    if r.paraphrased_answer is not None:
+        out["paraphrased_answer"] = r.paraphrased_answer
+    if r.perturbed_answer:
+        out["perturbed_answer"] = list(r.perturbed_answer)
+    return out | dict(r.attributes)
+
+
+def write_records(records: list[QARecord], path: str | Path) -> Path:
+    """Write records as a JSON array (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([record_to_dict(r) for r in records], indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return path

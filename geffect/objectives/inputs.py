@@ -34,6 +34,7 @@ class ForwardOut:
     ref_nll: torch.Tensor | None = None     # (N, T-1) under θ_o, on the rows objectives read it (0 elsewhere)
     ref_logits: dict | None = None          # segment -> (n, T, V) under θ_o (KL: the retain rows)
     ref_hidden: dict | None = None          # segment -> (n, T, d) (RMU: the retain rows)
+    attention: torch.Tensor | None = None   # (N, T) 1 on every real token (prompt and answer), 0 on padding
     # forward run in row chunks (one per objective part): per-chunk views, the chunks' NLL tensors
     # and the permutation putting their rows back in batch order (None: already in order)
     views: list | None = None
@@ -72,6 +73,10 @@ class ForwardOut:
         """(nll, mask) of one segment's rows, each (n, T-1)."""
         s = self.segments[name]
         return self.nll[s], self.mask[s]
+
+    def text_mask(self, name: str) -> torch.Tensor:
+        """Every real token of a segment's rows (prompt and answer; not padding), as WMDP's RMU reads. (n, T)"""
+        return self.attention[self.segments[name]].to(self.mask.dtype)
 
     def token_mask(self, name: str) -> torch.Tensor:
         """Answer-token mask of a segment aligned with hidden states (position t predicts token t+1). (n, T)"""

@@ -138,6 +138,9 @@ def parse_method(spec: str, hyper: Hyper | None = None) -> Method:
             retain_regulariser(r)
             if entry.own_retain:
                 raise MethodError(f"{f} has its own retain part; write --method {f}")
+            if entry.negate_after:
+                raise MethodError(f"{f} fine-tunes on the forget set and negates the result: it takes no retain "
+                                  f"part; write --method {f}")
     except MethodError as err:
         raise MethodError(f"--method {spec!r}: {err}") from None
     method = Method(f, r, hyper, surgery)

@@ -546,3 +546,32 @@ COMPARE_FIGURES = {"compare_geffect": compare_geffect,
                    "compare_groups": compare_groups, "compare_nll": compare_nll,
                    "compare_conflicts": compare_conflicts}
 
+
+
+def spunge_attributes(table: pd.DataFrame, result: dict):
+    """Spunge's per-attribute outcome (spunge.csv): forget NLL (higher: more forgotten) and retain NLL
+    (lower: more kept) per attribute value, grouped bars for the base, the plain run and Spunge."""
+    shown = [m for m in ("base", "plain", "spunge") if m in set(table["model"])]
+    names = {"base": "base model", "plain": f"{result['method']} on the whole forget set",
+             "spunge": f"Spunge ({result['merge']['method']}, density {result['merge']['density']:g})"}
+    colors = {"base": "0.6", "plain": "#1f77b4", "spunge": "#d62728"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, split, better in zip(axes, ("forget", "retain"), ("higher: forgotten", "lower: kept")):
+        d = table[table["split"] == split]
+        values = list(dict.fromkeys(d["value"]))
+        width = 0.8 / len(shown)
+        for k, m in enumerate(shown):
+            v = d[d["model"] == m].set_index("value")["nll"].reindex(values).to_numpy(dtype=float)
+            ax.bar(np.arange(len(values)) + (k - (len(shown) - 1) / 2) * width, v, width, color=colors[m],
+                   label=names[m])
+        sizes = d.drop_duplicates("value").set_index("value")["records"].reindex(values)
+        ax.set_xticks(range(len(values)), [f"{v}\n({n} records)" for v, n in zip(values, sizes)], fontsize=8)
+        ax.set_xlabel(f"{result['split_by']} ({split} set)")
+        ax.set_ylabel(f"mean answer NLL, nats/token ({better})")
+        ax.set_title(f"{split.capitalize()} set", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Spunge vs plain {result['method']}: NLL per {result['split_by']} "
+                 f"({len(result['splits'])} splits, each unlearned from the same base, then merged)")
+    fig.tight_layout()
+    return fig
