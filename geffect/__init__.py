@@ -9,14 +9,16 @@ import importlib
 
 _EXPORTS = {
     "UnlearnConfig": "geffect.config", "ProfileConfig": "geffect.config", "Hyper": "geffect.config",
-    "DiagnoseConfig": "geffect.config",
+    "DiagnoseConfig": "geffect.config", "SpungeConfig": "geffect.config",
+    "spunge": "geffect.apps.spunge", "evaluate": "geffect.eval.suite", "GEffectCallback": "geffect.integrations",
     "unlearn": "geffect.loop", "measure": "geffect.apps.measure", "diagnose": "geffect.apps.diagnose",
     "Step": "geffect.step", "Engine": "geffect.engine", "Schedule": "geffect.engine.schedule",
     "load_model": "geffect.models", "parse_method": "geffect.objectives",
     "conflict_stats": "geffect.surgery", "pcgrad": "geffect.surgery",
 }
-__all__ = ["DiagnoseConfig", "Engine", "Hyper", "ProfileConfig", "Schedule", "Step", "UnlearnConfig",
-           "conflict_stats", "diagnose", "load_model", "measure", "parse_method", "pcgrad", "unlearn"]
+__all__ = ["DiagnoseConfig", "Engine", "GEffectCallback", "Hyper", "ProfileConfig", "Schedule", "SpungeConfig", "Step",
+           "UnlearnConfig", "conflict_stats", "diagnose", "evaluate", "load_model", "measure", "parse_method",
+           "pcgrad", "spunge", "unlearn"]
 __version__ = "0.1.0"
 
 
