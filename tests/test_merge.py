@@ -3,6 +3,7 @@ streaming merge against the in-memory one; ``geffect merge``; Spunge's splits an
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -226,6 +227,8 @@ def test_spunge_on_a_tiny_model(tmp_path):
     mystery = [r for r in load_data(None, None).forget if r.attributes["genre"] == "mystery"]
     row = table[(table["model"] == "base") & (table["split"] == "forget") & (table["value"] == "mystery")]
     assert row["nll"].item() == pytest.approx(evaluate_nll(loaded.model, loaded.tokenizer, mystery, 160), rel=1e-6)
+    one_at_a_time = [math.exp(-evaluate_nll(loaded.model, loaded.tokenizer, [r], 160)) for r in mystery]
+    assert row["probability"].item() == pytest.approx(sum(one_at_a_time) / len(one_at_a_time), rel=1e-5)
     assert json.loads((out / "spunge.json").read_text())["merge"]["density"] == 0.5
 
 

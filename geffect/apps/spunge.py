@@ -147,14 +147,16 @@ def _retain_groups(retain: list[QARecord], field: str) -> dict[str, list[QARecor
 
 
 def _table(model_name: str, model, tok, cfg: UnlearnConfig, splits: dict, retain_by: dict) -> list[dict]:
-    """Mean answer NLL per attribute value, forget and retain, of the model's current weights."""
-    from geffect.eval.nll import evaluate_nll
+    """Per attribute value, forget and retain, of the model's current weights: the mean answer NLL
+    (the risk R) and TOFU's probability, the mean of p(answer | question)^(1/|answer|) = exp(−NLL_i)."""
+    from geffect.eval.nll import row_nll
     model.eval()
     rows = []
     for split, groups in (("forget", splits), ("retain", retain_by)):
         for value, recs in groups.items():
+            nll = row_nll(model, tok, recs, cfg.max_length, fmt=cfg.prompt_format)     # (n,)
             rows.append({"model": model_name, "split": split, "value": value, "records": len(recs),
-                         "nll": evaluate_nll(model, tok, recs, cfg.max_length, fmt=cfg.prompt_format)})
+                         "nll": nll.mean().item(), "probability": nll.neg().exp().mean().item()})
     return rows
 
 

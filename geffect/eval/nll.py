@@ -9,16 +9,22 @@ from geffect.objectives import functional as fn
 
 
 @torch.no_grad()
-def evaluate_nll(model, tok, records: list[QARecord], max_length: int = 128, batch_size: int = 16,
-                 fmt="chat") -> float:
-    """Risk R(D): mean over samples of the mean answer-token NLL."""
+def row_nll(model, tok, records: list[QARecord], max_length: int = 128, batch_size: int = 16,
+            fmt="chat") -> torch.Tensor:
+    """Each record's mean answer-token NLL, (n,) float32 on the host."""
     vals = []
     for i in range(0, len(records), batch_size):
         b = collate(tok, {"x": qa(records[i:i + batch_size])}, max_length, fmt)
         dev = next(model.parameters()).device
         logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False).logits
-        vals.append(fn.mean_nll(*fn.token_nll(logits, b.labels.to(dev))))
-    return torch.cat(vals).mean().item()
+        vals.append(fn.mean_nll(*fn.token_nll(logits, b.labels.to(dev))).float().cpu())
+    return torch.cat(vals)
+
+
+def evaluate_nll(model, tok, records: list[QARecord], max_length: int = 128, batch_size: int = 16,
+                 fmt="chat") -> float:
+    """Risk R(D): mean over samples of the mean answer-token NLL."""
+    return row_nll(model, tok, records, max_length, batch_size, fmt).mean().item()
 
 
 @torch.no_grad()

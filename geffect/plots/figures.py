@@ -520,7 +520,7 @@ def eval_tradeoff(run: RunRecords):
     else:
         ax.set_ylabel("forget probability p(answer)^(1/|answer|) (lower is better)")
         ax.set_title(f"Forget probability vs model utility: {run.method}")
-    ax.set_xlabel("model utility (harmonic mean of retain prob., ROUGE-L, truth ratio; higher is better)")
+    ax.set_xlabel("model utility (higher is better)\nharmonic mean of retain probability, ROUGE-L, truth ratio")
     ax.grid(alpha=0.3)
     series = [("probability_forget", "forget probability", "#d62728", "-"),
               ("rouge_forget", "forget ROUGE-L recall", "#d62728", "--"),
