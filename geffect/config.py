@@ -111,6 +111,9 @@ class Hyper:
                                 min=0)
     rmu_coeff: float | None = opt(None, "RMU control scale c (default: 6.5 for rmu and rmu-wmdp, as WMDP; 2 for "
                                         "rmu-full, as the G-effect paper)", gt=0)
+    rmu_stop_cosine: float | None = opt(None, "RMU: stop early once the mean cosine similarity between block ℓ's "
+                                              "activations on the step's forget rows under θ and under θ_o falls "
+                                              "below this (the Spunge paper: 0.5)", gt=0, max=1)
     llmu_ga: float = opt(0.5, "LLMU weight of the GA term", min=0)
     llmu_mismatch: float = opt(1.0, "LLMU weight of the random-mismatch term", min=0)
     tvn_lambda: float = opt(1.0, "TVN: scale λ of the negated LoRA task vector, θ = θ_base − λ·ΔW", gt=0)

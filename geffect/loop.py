@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Self
 
+import torch
 from tqdm.auto import tqdm
 
 from geffect import checkpoint
@@ -85,7 +86,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             s.model.train()
             bar = tqdm(range(start, n_steps), desc=f"{'profile' if profile else 'unlearn'} {s.method.name}",
                        disable=not cfg.progress, initial=start, total=n_steps)
-            t_start, stopped = time.perf_counter() - carry.get("elapsed", 0.0), None
+            t_start, stopped, early = time.perf_counter() - carry.get("elapsed", 0.0), None, None
+            cosine_stop = rmu_cosine_stop(s, world)
             eval_before = carry.get("eval_seconds", 0.0)       # evaluation time before a resume
             for k in bar:
                 if evaluator is not None and k % profile.eval_every == 0:
@@ -103,6 +105,9 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                     stopped = f"non-finite {' and '.join(res.nonfinite)} at step {k}"
                     break
                 last = k == n_steps - 1
+                if cosine_stop is not None and not last and (reason := cosine_stop(micro, k)):
+                    early, n_steps = reason, k + 1      # a complete run, shorter: records, eval and save follow
+                    break
                 if world.active:          # a signal seen by one rank stops every rank at the same step
                     stop.requested = bool(world.sum_floats([float(stop.requested)])[0])
                 if run.path is not None and not last and not world.sharded and (
@@ -123,6 +128,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
             elapsed = time.perf_counter() - t_start - carry["eval_seconds"]
             s.model.eval()
         summary = {"method": s.method.name, "steps": n_steps, "before": carry["before"], "after": evaluate(s.model),
+                   "stopped_early": early,
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps),
                    "device": str(s.device), "dtype": cfg.dtype, "status": stopped or "complete"}
         summary |= ({"groups": groups} if step.engine else {}) | rec.conflict_fraction(n_steps)
@@ -166,6 +172,36 @@ def resume(path: str | Path, **kwargs) -> dict:
     profile = ProfileConfig(**conf["profile"]) if "profile" in conf else None
     return unlearn(UnlearnConfig(**conf["run"]), str(path), Hyper(**conf.get("hyper", {})), profile=profile,
                    resume=True, **kwargs)
+
+
+def rmu_cosine_stop(s, world: World = SINGLE):
+    """RMU's early stop (the Spunge paper, App. C): a check after each step that says why to stop
+    once the mean cosine similarity between block ℓ's activations on the step's forget rows under
+    θ and under θ_o falls below ``--rmu-stop-cosine``; None when not asked."""
+    thr = s.method.hyper.rmu_stop_cosine
+    if thr is None:
+        return None
+    from geffect.objectives import functional as fn
+    layer = s.ctx.hidden_layer
+
+    @torch.no_grad()
+    def check(micro, k: int) -> str | None:
+        total = count = 0.0
+        for mb in micro:
+            b = mb.batch.to(next(s.model.parameters()).device)
+            seg = b.segments["forget"]
+            if seg.stop == seg.start:
+                continue
+            out = s.model(input_ids=b.input_ids[seg], attention_mask=b.attention_mask[seg],
+                          output_hidden_states=True, use_cache=False)
+            ref = s.reference.values(b, [], (), ("forget",), layer).hidden["forget"]      # (n, T, d) under θ_o
+            t, c = fn.activation_cosine(out.hidden_states[layer + 1], ref, b.attention_mask[seg])
+            total, count = total + t, count + c
+        if world.active:
+            total, count = world.sum_floats([total, count])
+        cos = total / max(count, 1.0)
+        return f"activation cosine {cos:.3f} < {thr:g} after step {k}" if cos < thr else None
+    return check
 
 
 def make_evaluator(s, profile: ProfileConfig | None):

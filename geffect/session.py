@@ -77,6 +77,9 @@ def preflight(cfg: UnlearnConfig, hyper: Hyper | None = None, profile: ProfileCo
         validate(profile)
         parse_boundaries(profile.boundaries)
     method = resolve_method(cfg, hyper)
+    if method.hyper.rmu_stop_cosine is not None and method.forget_entry.reads != "hidden":
+        raise ConfigError(f"--rmu-stop-cosine compares RMU's layer activations under θ and θ_o; --method "
+                          f"{method.name} reads none (use rmu, rmu-wmdp or rmu-full)")
     device = resolve_device(cfg.device)
     if cfg.reference_device is not None:
         resolve_device(cfg.reference_device)

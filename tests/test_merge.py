@@ -299,3 +299,31 @@ def test_negate_adapters_against_peft_merge():
     out = negate_adapters(pm, lam=0.5).state_dict()
     for k, v in w0.items():
         torch.testing.assert_close(out[k], v - 0.5 * (merged[k] - v), rtol=1e-5, atol=1e-6)
+
+
+def test_rmu_stops_early_on_the_activation_cosine():
+    """--rmu-stop-cosine (Spunge, App. C): the run stops after the first step whose forget-row
+    activations under θ have a mean cosine to θ_o's below the threshold; the check's value is the
+    formula's, recomputed here from two separate forwards."""
+    import torch.nn.functional as F
+
+    from geffect.config import Hyper, UnlearnConfig
+    from geffect.errors import ConfigError
+    from geffect.loop import unlearn
+    cfg = UnlearnConfig(method="rmu-full", model="tiny-llama", memorize="no", steps=30, lr=5e-2, optimizer="sgd",
+                        forget_batch=2, retain_batch=2, progress=False, save_model=False, max_length=160)
+    free = unlearn(cfg, hyper=Hyper(rmu_coeff=20.0))
+    assert free["stopped_early"] is None and free["steps"] == 30
+    s = unlearn(cfg, hyper=Hyper(rmu_coeff=20.0, rmu_stop_cosine=0.99))     # 0.995 after step 0, then falls
+    assert s["stopped_early"] is not None and 1 < s["steps"] < 30, s["stopped_early"]
+    assert len(s["records"]) == s["steps"]
+    with pytest.raises(ConfigError, match="rmu-stop-cosine"):
+        unlearn(UnlearnConfig(method="ga", model="tiny-llama", memorize="no", progress=False),
+                hyper=Hyper(rmu_stop_cosine=0.5))
+    # the criterion itself: mean over real tokens of cos(h, h_o)
+    from geffect.objectives import functional as fn
+    h, h0 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    total, count = fn.activation_cosine(h, h0, mask)
+    want = [F.cosine_similarity(h[i, t], h0[i, t], dim=0).item() for i, t in ((0, 0), (0, 1), (1, 0))]
+    assert count == 3 and total == pytest.approx(sum(want), rel=1e-5)

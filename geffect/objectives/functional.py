@@ -138,6 +138,13 @@ def rmu_retain(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.Tenso
     return ((err * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
 
 
+def activation_cosine(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(Σ cos(h_t, h_o,t), number of tokens) over the counted tokens: the Spunge paper's RMU stop
+    criterion is the mean. hidden, ref_hidden (N, T, d); mask (N, T)."""
+    cos = F.cosine_similarity(hidden.float(), ref_hidden.float(), dim=-1)      # (N, T)
+    return (cos * mask).sum().item(), mask.sum().item()
+
+
 def rmu_control(hidden_size: int, coeff: float = 6.5, seed: int = 0) -> torch.Tensor:
     """The fixed control vector c·u, u ~ U[0,1)^d normalised to unit norm, drawn once."""
     g = torch.Generator().manual_seed(seed)             # drawn on the host (same u on every device)
