@@ -19,7 +19,7 @@ from geffect.data.batching import check_lengths
 from geffect.data.sampling import Data, load_data
 from geffect.distributed import main_process
 from geffect.engine.allocator import keep_freed_memory
-from geffect.errors import ConfigError, MethodError
+from geffect.errors import ConfigError, DataError, MethodError
 from geffect.hardware import check_fits, estimate_memory, model_device, resolve_device, smoke_test
 from geffect.models import LoadedModel, load_model
 from geffect.objectives import Method, ObjectiveContext, parse_method
@@ -144,6 +144,12 @@ def prepare(cfg: UnlearnConfig, hyper: Hyper | None = None, loaded: LoadedModel 
         keep_freed_memory()
     set_seed(cfg.seed)
     data = load_data(cfg.forget, cfg.retain, cfg.seed, cfg.tofu, cfg.tofu_split)
+    extra = [seg for seg in method.segments if seg not in ("forget", "retain")]
+    text = next((r for r in data.forget if not r.question), None)
+    if extra and text is not None:        # idk / mismatch rows pair an answer with the forget question
+        raise DataError(f"{text.source or 'forget set'}: a plain-text record (field 'text'), but --method "
+                        f"{method.name} answers the forget questions ({', '.join(extra)} rows); use question/answer "
+                        "records, or an objective that reads text (ga, npo, simnpo, wga, tnpo, rmu-wmdp …)")
     loaded = starting_model(cfg, data, device, loaded)
     if cfg.gradient_checkpointing:
         enable_checkpointing(loaded.model)

@@ -104,3 +104,5 @@ def test_unlearning_a_plain_text_forget_set(tmp_path):
         s = unlearn(UnlearnConfig(method=method, model="tiny-llama", forget=str(f), memorize="no", steps=2,
                                   lr=1e-3, forget_batch=2, retain_batch=2, progress=False, save_model=False))
         assert s["status"] == "complete" and s["after"]["nll_forget"] != s["before"]["nll_forget"], method
+    with pytest.raises(DataError, match=r"corpus.jsonl:1: a plain-text record .* idkdpo\+gd answers the forget"):
+        unlearn(UnlearnConfig(method="idkdpo+gd", model="tiny-llama", forget=str(f), memorize="no", progress=False))
