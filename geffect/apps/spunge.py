@@ -97,7 +97,9 @@ def spunge(cfg: UnlearnConfig, scfg: SpungeConfig, out: str | Path, hyper: Hyper
         model.eval()
         base_state = snapshot(model)
         table = _table("base", model, tok, cfg, splits, retain_by)
-        base_view = {k: v for k, v in model.state_dict().items()}   # tied weights share storage: written once
+        # views of the model's own tensors (tied weights once): they hold the base again after the
+        # restore that precedes the merge, so no second copy of the base is kept
+        base_view = dict(model.state_dict())
         common = replace(cfg, retain=str(retain_file), tofu=None, memorize="no", save_model=True)
         runs = {}
         jobs = [(v, files[v]) for v in splits] + ([("all", None)] if scfg.compare else [])
