@@ -185,9 +185,12 @@ class ModelCut:
     and how many entries equal to it are kept (in tensor order, then flat index)."""
 
     def __init__(self, base: Source, model: Source, names: list[str], density: float):
-        mags = [(model.get(n).to(_work_dtype(base.get(n))) - base.get(n).to(_work_dtype(base.get(n)))).abs()
-                .flatten().float() for n in names]
-        flat = torch.cat(mags) if mags else torch.zeros(0)
+        mags = []
+        for n in names:
+            b = base.get(n)                                     # read once (a safetensors read per call)
+            wd = _work_dtype(b)
+            mags.append((model.get(n).to(device=b.device, dtype=wd) - b.to(wd)).abs().flatten().float())
+        flat = torch.cat(mags) if mags else torch.zeros(0)     # empty model: k = 0, nothing kept
         k = int(density * flat.numel())
         if k == 0:
             self.cut, self.at_cut = float("inf"), 0
@@ -230,9 +233,10 @@ def merged_tensors(base, models: list, method: str = "ties", density: float = 0.
     models = [as_source(m, f"model {i + 1}") for i, m in enumerate(models)]
     check_compatible(base, models)
     names = base.names()
-    floating = [n for n in names if base.get(n).is_floating_point()]
-    cuts = ([ModelCut(base, m, floating, density) for m in models]
-            if method == "ties" and trim == "model" else None)
+    cuts = None
+    if method == "ties" and trim == "model":         # one extra pass over the tensors, only for this scope
+        floating = [n for n in names if base.get(n).is_floating_point()]
+        cuts = [ModelCut(base, m, floating, density) for m in models]
     for n in names:
         b = base.get(n)
         if not b.is_floating_point():
