@@ -1,6 +1,8 @@
 """End-to-end cost of profiling, through the CLI: ``geffect profile`` (its defaults: conflict
 statistics every step, per-token G-effects and Fig. 5b pairs every 5 steps) against ``geffect
-unlearn`` on the same data, seed and steps, interleaved, measured in one run.
+unlearn`` on the same data, seed and steps, interleaved, measured in one run. ``profile-groups``
+is ``--no-instances`` (the layer groups' G-effects and the conflict statistics only; GA and GD take
+them from per-tensor dot products).
 
 - Per-step time: ``records.csv``'s ``time_s`` (the loop's own clock around sampling and the
   step) of every step of every repeat; the median and the mean; the ratio profile / unlearn.
@@ -28,6 +30,7 @@ VARIANTS = {
     "profile": ["profile", "--no-report"],
     "profile-no-conflicts": ["profile", "--no-report", "--no-conflicts"],
     "profile-no-tokens-pairs": ["profile", "--no-report", "--tokens-every", "0", "--pairs-every", "0"],
+    "profile-groups": ["profile", "--no-report", "--no-instances"],     # group G-effects and conflicts only
 }
 
 

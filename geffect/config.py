@@ -135,6 +135,12 @@ class ProfileConfig:
                                    "cheaper e_r on a fixed sample instead of the rows the retain part trains on)")
     conflicts: bool = opt(True, "conflict statistics of the forget and retain parts' gradients every step "
                                 "(conflicts.csv), from the one training backward (no second backward)")
+    instances: bool = opt(True, "per-instance G-effects (instances.csv), the Fig. 5b pairs and per-token G-effects; "
+                                "off (--no-instances): the layer groups' G-effects and the conflict statistics only. "
+                                "For GA and GD (gradients proportional to the risks') these then come from three dot "
+                                "products per tensor over the training backward split into its two parts, nearly "
+                                "free; other objectives, or --direction update, still take per-instance values and "
+                                "write only their group means")
     pairs_every: int = opt(5, "every k steps, for each forget instance, the G-effect of its own objective term on "
                               "the forget and on the retain risk (the paper's Fig. 5b; pairs.csv), from the "
                               "captured pass (no extra backward); 0 = off", min=0)

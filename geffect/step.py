@@ -27,9 +27,11 @@ import torch
 from geffect.config import ProfileConfig
 from geffect.data.sampling import MicroBatch
 from geffect.distributed import SINGLE, World
+from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, training_backward
+from geffect.engine.grouponly import group_effects, split_factors, tied_embeddings
 from geffect.engine.pairs import PairsAccumulator
-from geffect.engine.parts import apply_coefficients, part_scalars
+from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
 from geffect.engine.schedule import NOTHING, Due
 from geffect.engine.tokens import TokenRecords, TokenSource
 from geffect.forward import forward, part_rows
@@ -84,6 +86,12 @@ class Step:
             self._capturer = Engine(self.model, ProfileConfig())
         return self._capturer
 
+    def _tied(self) -> list[str] | None:
+        """The engine's tied embedding modules (see :func:`geffect.engine.grouponly.tied_embeddings`)."""
+        if not hasattr(self, "_tied_names"):
+            self._tied_names = tied_embeddings(self.model, self.engine.assignment)
+        return self._tied_names
+
     def groups_of(self) -> dict[int, str]:
         if self._groups_of is None:
             self._groups_of = param_groups(self.model, self.capturer().assignment)
@@ -97,17 +105,32 @@ class Step:
         if direction == "update" and optimizer is None:
             raise ValueError("direction 'update' needs an optimizer step")
         parts_due = method.has_retain_part and (method.pcgrad or (engine is not None and due.conflicts))
-        capturer = engine if engine is not None else (self.capturer() if parts_due else None)
+        single = len(micro) == 1 and not self.world.active
+        # group G-effects alone (--no-instances) of GA and GD: three dots per tensor, no capture but the
+        # tied embeddings' (geffect.engine.grouponly)
+        group_only = (engine is not None and not engine.cfg.instances and due.effects and not due.pairs
+                      and direction == "grad" and single and method.group_only_candidate
+                      and self._tied() is not None)
+        # the training backward in two passes, forget part then retain part (each over its own rows'
+        # forward chunk): the conflict statistics from three dots per tensor as the second arrives
+        # (PCGrad needs the parts' gradients themselves: geffect.engine.parts' path)
+        two_pass = single and not method.pcgrad and (group_only or parts_due)
+        dots = TwoPassDots(self.params, keep_first=method.has_retain_part) if two_pass else None
+        if group_only:
+            tied = self._tied()
+            capturer = Capture(self.model, {n: engine.assignment[n] for n in tied}) if tied else None
+        else:
+            capturer = engine if engine is not None else (self.capturer() if parts_due else None)
         # profiling an objective that never reads the retain rows (GA, NPO, SimNPO alone): they get
         # their own forward chunk, so the risk backward they need (the forget rows reuse the training
         # backward) covers them alone
         retain_chunk = (engine is not None and engine.cfg.reuse_backward and not method.has_retain_part
                         and method.reuse_candidate and not self.world.active)    # DDP: one forward per backward
-        keep_training = parts_due or (engine is not None and due.pairs)
+        keep_training = (parts_due and not two_pass) or (engine is not None and due.pairs)
         # along ∇L with everything known at the end of this one backward: take each module's values
         # as its gradient completes and free its captured tensors then (see Engine.backward)
         # (not across processes: a module's .grad is complete only after the gradient reduction)
-        stream = (engine is not None and engine.cfg.stream and due.effects and direction == "grad"
+        stream = (engine is not None and not group_only and engine.cfg.stream and due.effects and direction == "grad"
                   and len(micro) == 1 and not method.pcgrad and not self.world.active)
         scalars: dict[int, tuple] = {}
         pairs: list[PairsAccumulator] = []
@@ -118,15 +141,26 @@ class Step:
         device = next(self.model.parameters()).device
         micro = [replace(mb, batch=mb.batch.to(device)) for mb in micro]
         res = StepResult(dict.fromkeys(("loss", "loss_forget", "loss_retain", "nll_forget", "nll_retain"), 0.0), None)
-        captured, sources, weights = [], [], []
+        captured, sources, weights, factors = [], [], [], []
         for mb in micro:
-            parts, fo, cap = self._micro_step(mb, len(micro), engine, capturer, retain_chunk, keep_training, res,
-                                              stream, scalars if stream and parts_due else None,
-                                              pairs if engine is not None and due.pairs else None)
+            parts, fo, cap = self._micro_step(mb, len(micro), None if group_only else engine, capturer, retain_chunk,
+                                              keep_training, res, stream,
+                                              scalars if stream and parts_due and not two_pass else None,
+                                              pairs if engine is not None and due.pairs else None, dots,
+                                              factors if group_only else None)
+            if group_only:
+                res.path = "two-pass"
+                per_tensor = dots.result()
+                res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
+                                                 dots.keep_first, *factors, mb.batch.segments, cap))
+                scalars = per_tensor if parts_due else {}
+                cap = None
+            elif dots is not None:
+                scalars = dots.result()
             if cap is not None:
                 captured.append(Captured(cap, mb.batch.segments, mb.forget_index, mb.retain_index,
                                          parts.instance_weights()))
-            if engine is not None:
+            if engine is not None and engine.cfg.instances:      # per-token NLL rows (and e_{i,t} when due)
                 sources.append(TokenSource.of(mb.batch, fo, parts.token_weight, mb.forget_index))
             weights.append(parts.weight_values())
             del fo             # the (N, T, V) logits are not needed past this point
@@ -136,10 +170,11 @@ class Step:
         for acc in pairs:            # the modules not streamed during the backward
             acc.add([n for n in engine.assignment if n in acc.c.cap.seen])
             res.pairs.append(acc.result())
-        if parts_due:   # the modules not streamed during the backward
-            held = {n: g for n, g in capturer.assignment.items() if any(n in c.cap.seen for c in captured)}
-            scalars |= part_scalars(self.model, held, captured, self.world)
-            assignment = capturer.assignment
+        if parts_due:
+            if not two_pass:   # the modules not streamed during the backward
+                held = {n: g for n, g in capturer.assignment.items() if any(n in c.cap.seen for c in captured)}
+                scalars |= part_scalars(self.model, held, captured, self.world)
+            assignment = engine.assignment if engine is not None else capturer.assignment
             res.conflicts, coef = plan(scalars, self.groups_of(), self.scope, apply=method.pcgrad)
             if method.pcgrad:
                 apply_coefficients(self.model, assignment, captured, coef, self.world)
@@ -147,6 +182,8 @@ class Step:
             for c in captured:
                 c.cap.release()
         self._finish(engine, direction, captured, sources, due, res, optimizer, lr, clip)
+        if engine is not None and not engine.cfg.instances:     # group means only
+            res.effects = [e if e.means is not None else e.group_only() for e in res.effects]
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -192,21 +229,38 @@ class Step:
 
     def _micro_step(self, mb: MicroBatch, n: int, engine, capturer, retain_chunk: bool, keep_training: bool,
                     res: StepResult, stream: bool = False, scalars: dict | None = None,
-                    pairs: list | None = None) -> tuple[Parts, ForwardOut, object]:
+                    pairs: list | None = None, dots: TwoPassDots | None = None,
+                    factors: list | None = None) -> tuple[Parts, ForwardOut, object]:
         """Forward, parts and backward of one micro-batch (loss scaled by 1/n for accumulation).
         ``scalars`` collects the parts' per-tensor statistics, and a new accumulator appended to
-        ``pairs`` the Fig. 5b pairs, of the modules streamed in the backward."""
+        ``pairs`` the Fig. 5b pairs, of the modules streamed in the backward. ``dots``: the backward
+        in two passes over the two parts' forward chunks (forget part first; with ``keep_first``
+        off, the retain risk's own backward first), their per-tensor dots taken; ``factors``
+        (group-only, no engine) receives the parts' per-split factors (c_f, c_r)."""
         method, batch = self.method, mb.batch
-        with (capturer.capture() if capturer is not None else nullcontext()) as cap:
+        ctx = capturer.capture() if isinstance(capturer, Engine) else capturer   # a Capture: group-only's own
+        with ctx if ctx is not None else nullcontext() as cap:
             if cap is not None:
                 cap.keep_training = keep_training
-            chunks = part_rows(batch.segments) if retain_chunk else None
+            chunks = part_rows(batch.segments) if retain_chunk or dots is not None else None
             fo = forward(self.forward_model, self.reference, batch, method, self.ctx, chunks, cap)
             sf, sr = mb.shares if mb.shares is not None else (1.0 / n, 1.0 / n)
-            # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
-            parts = method.parts(fo.views[0] if retain_chunk else fo, self.ctx, retain_part=sr > 0,
-                                 forget_part=sf > 0, shares=(sf, sr))
+            backprop = None
+            if dots is not None and method.has_retain_part:    # each part on its own chunk's view
+                pf = method.parts(fo.views[0], self.ctx, retain_part=False, forget_part=sf > 0, shares=(sf, sr))
+                pr = method.parts(fo.views[1], self.ctx, retain_part=sr > 0, forget_part=False, shares=(sf, sr))
+                parts = Parts(pf.forget, pr.retain, pf.total + pr.total, pf.instance_weight, pf.token_weight)
+                backprop = two_passes(pf.total, pr.total, dots, cap)
+            else:
+                # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
+                parts = method.parts(fo.views[0] if chunks is not None else fo, self.ctx, retain_part=sr > 0,
+                                     forget_part=sf > 0, shares=(sf, sr))
+                if dots is not None:      # GA alone, group-only: the retain risk's backward, then the loss's
+                    r = batch.segments["retain"]
+                    backprop = two_passes(fn.mean_nll(fo.views[1].nll[r], fo.mask[r]).sum(), parts.total, dots, cap)
             loss = parts.total
+            if factors is not None:
+                factors += split_factors(fo, loss, method.has_retain_part)
             if not (torch.is_tensor(loss) and loss.requires_grad):
                 pass                       # a micro-batch that carries no part (rows only measured)
             elif engine is not None:
@@ -223,12 +277,14 @@ class Step:
                                                     [Captured(cap, batch.segments, [], [])]))
                     if acc is not None:
                         acc.add(names)
-                res.path = engine.backward(cap, fo, loss, method.reuse_candidate, stream=stream,
+                res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop, stream=stream,
                                            on_modules=on_modules)
             elif cap is not None:
-                training_backward(cap, loss.backward)
+                cap.stash = backprop is not None      # group-only: the tied embeddings' cotangents
+                training_backward(cap, backprop or loss.backward)
+                cap.stash = False
             else:
-                loss.backward()
+                (backprop or loss.backward)()
         res.losses["loss"] += parts.total.item() if torch.is_tensor(parts.total) else float(parts.total)
         res.losses["loss_forget"] += parts.forget.item() * sf
         res.losses["loss_retain"] += (parts.retain.item() if parts.retain is not None else 0.0) * sr
@@ -244,10 +300,32 @@ class Step:
         jvp_ok = due.tokens and not self.world.sharded
         effects = [src.effects(self.model, V, params) for src in sources] if jvp_ok else None
         res.tokens = [src.tokens(effects[k] if effects is not None else None) for k, src in enumerate(sources)]
-        if due.effects:
+        if due.effects and captured:       # (group-only: taken from the backward already)
             res.effects.append(engine.effects(captured, V))
         for c in captured:
             c.cap.release()
         if probe:      # chunk by chunk: each captured, measured and released before the next
             chunks = probe if probe is not True else (engine.capture_probe(p) for p in self.probe)
             res.effects.append(Effects.concat([engine.effects([c], V, source="probe") for c in chunks]))
+
+
+def two_passes(first, second, dots: TwoPassDots, cap=None):
+    """The training backward as two passes (``first``, then ``second``; a part that is not a tensor
+    with a gradient is skipped), ``dots`` taking per-tensor products as the second arrives. A
+    streaming capture waits for the second pass: a module's gradient is complete only then."""
+    def run(x) -> None:
+        if torch.is_tensor(x) and x.requires_grad:
+            x.backward()
+
+    def backprop() -> None:
+        if cap is not None:
+            cap.stream_hold = True
+        with dots:
+            try:
+                run(first)
+            finally:
+                if cap is not None:
+                    cap.stream_hold = False
+            dots.arm()
+            run(second)
+    return backprop

@@ -60,11 +60,20 @@ class Effects:
     forget_index: list[int]
     retain_index: list[int]
     weights: torch.Tensor | None = None   # (n_f,)
+    means: dict[str, dict[str, float]] | None = None   # group-only: the batch G-effects, tables empty
+
+    def group_only(self) -> Effects:
+        """The same effects as group means alone (no per-instance rows are written)."""
+        G = len(self.groups)
+        return Effects(self.source, self.direction, list(self.groups), torch.zeros(0, G), torch.zeros(0, G), [], [],
+                       None, self.summary())
 
     @classmethod
     def concat(cls, parts: list[Effects]) -> Effects:
         """The effects of several micro-batches (same source, direction and groups) as one."""
         first = parts[0]
+        if any(p.means is not None for p in parts):
+            raise ValueError("group-only effects are one step's batch means; they do not concatenate")
         ws = [p.weights for p in parts]
         return cls(first.source, first.direction, first.groups, torch.cat([p.forget for p in parts]),
                    torch.cat([p.retain for p in parts]), [i for p in parts for i in p.forget_index],
@@ -73,6 +82,8 @@ class Effects:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Batch G-effects: e = mean over the split's instances, per group and total (float64)."""
+        if self.means is not None:
+            return {risk: dict(d) for risk, d in self.means.items()}
         out = {}
         for risk, table in (("unlearn", self.forget), ("retain", self.retain)):
             if len(table) == 0:     # e.g. a probe set without forget rows

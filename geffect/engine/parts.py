@@ -17,6 +17,7 @@ embedding shared with the output projection gets g_f from both uses before it is
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Self
 
 import torch
 
@@ -146,3 +147,84 @@ def apply_coefficients(model, assignment, captured, coef: dict[int, tuple[float,
             if (cf, cr) != (1.0, 1.0):
                 grad = world.local(p.grad) if world is not None else p.grad
                 grad.mul_(cr).add_(Gf.to(grad.dtype), alpha=cf - cr)
+
+
+class TwoPassDots:
+    """Per tensor (⟨X, Y⟩, ‖X‖², ‖Y‖²) of two backward passes, taken as the second pass's gradient
+    arrives: X is what the first pass left in ``.grad``, Y the second pass's gradient, seen by a
+    tensor hook before it is accumulated (a tensor used twice in one pass, e.g. tied embeddings,
+    reaches it once, summed). Three dot products per tensor; nothing is copied.
+
+    With the forget part's loss backpropagated first and the retain part's second (each over the
+    forward chunk of its own rows), X = g_f and Y = g_r: the conflict statistics without forming
+    either part's gradient. ``keep_first=False`` drops X from ``.grad`` as Y arrives, so ``.grad``
+    ends as the second pass's gradient alone (a risk's gradient measured against the loss's)::
+
+        with TwoPassDots(params) as dots:
+            first.backward()
+            dots.arm()
+            second.backward()
+        scalars = dots.result()          # {id(p): (⟨X,Y⟩, ‖X‖², ‖Y‖²)}
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], keep_first: bool = True):
+        self.params, self.keep_first = list(params), keep_first
+        self.armed = False
+        self._handles: list = []
+        self._dots: dict[int, list[torch.Tensor]] = {}     # per tensor, one (3,) float32 per piece
+
+    def __enter__(self) -> Self:
+        for p in self.params:
+            self._handles.append(p.register_hook(self._hook(p)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def arm(self) -> None:
+        """Call between the passes: the hooks take the products from here on."""
+        self.armed = True
+
+    def _hook(self, p: torch.nn.Parameter):
+        def hook(y: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            with torch.no_grad():
+                self._dots[id(p)] = _three_dots(p.grad, y)
+            if not self.keep_first:
+                p.grad = None          # AccumulateGrad then stores Y alone
+        return hook
+
+    def result(self) -> dict[int, tuple[float, float, float]]:
+        """{id(p): (⟨X,Y⟩, ‖X‖², ‖Y‖²)} for every tensor with a gradient from either pass (one host
+        transfer). A tensor only the first pass reached has Y = 0 (dropped from ``.grad`` when
+        ``keep_first`` is off)."""
+        with torch.no_grad():
+            for p in self.params:
+                if id(p) not in self._dots and p.grad is not None:
+                    self._dots[id(p)] = _three_dots(p.grad, None)
+                    if not self.keep_first:
+                        p.grad = None
+        if not self._dots:
+            return {}
+        ids = list(self._dots)
+        pieces = [torch.stack(self._dots[i]).double().sum(0) for i in ids]     # (3,) each, float64 sums
+        flat = torch.stack(pieces).cpu().tolist()
+        return {i: tuple(v) for i, v in zip(ids, flat)}
+
+
+def _three_dots(x: torch.Tensor | None, y: torch.Tensor | None) -> list[torch.Tensor]:
+    """[(⟨x,y⟩, ‖x‖², ‖y‖²) per piece of CHUNK elements] in float32 (None: a zero vector)."""
+    ref = x if x is not None else y
+    xf, yf = (t.reshape(-1) if t is not None else None for t in (x, y))
+    out = []
+    for k in range(0, ref.numel(), CHUNK):
+        xk = _f32(xf[k:k + CHUNK]) if xf is not None else None
+        yk = _f32(yf[k:k + CHUNK]) if yf is not None else None
+        zero = torch.zeros((), dtype=torch.float32, device=ref.device)
+        out.append(torch.stack([torch.dot(xk, yk) if xk is not None and yk is not None else zero,
+                                torch.dot(xk, xk) if xk is not None else zero,
+                                torch.dot(yk, yk) if yk is not None else zero]))
+    return out

@@ -36,6 +36,8 @@ class Schedule:
     def of(cls, cfg: ProfileConfig | None) -> Schedule | None:
         if cfg is None:
             return None
+        if not cfg.instances:          # group G-effects only: no per-instance pairs, no per-token values
+            return cls(cfg.conflicts, 0, 0, cfg.probe_every)
         return cls(cfg.conflicts, cfg.pairs_every, cfg.tokens_every, cfg.probe_every)
 
     @staticmethod

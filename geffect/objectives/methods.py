@@ -77,6 +77,14 @@ class Method:
         return self.forget_entry.weighting
 
     @property
+    def group_only_candidate(self) -> bool:
+        """Whether each part's gradient is a constant multiple of its risk's (GA, GD: every part a
+        uniform mean of the NLL over forget or retain rows only), so that the group G-effects follow
+        from per-tensor dot products (:mod:`geffect.engine.grouponly`; the step checks the factors)."""
+        return self.segments == ("forget", "retain") and all(
+            e.reads == "nll" and e.weighting == "uniform" for e in self.entries)
+
+    @property
     def reuse_candidate(self) -> bool:
         """Whether the training backward's cotangents may be per-row multiples of the risk's (the
         engine still checks numerically): every part weights the NLL per instance at most."""
