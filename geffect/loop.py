@@ -41,7 +41,7 @@ from geffect.step import Step
 
 def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = None, overwrite: bool = False,
             loaded: LoadedModel | None = None, profile: ProfileConfig | None = None, evaluate=None,
-            reference: Reference | None = None, resume: bool = False) -> dict:
+            reference: Reference | None = None, resume: bool = False, base_probe=None) -> dict:
     """Run unlearning; write the run directory ``out`` (if given). Returns a summary dict with the
     records (``records``, ``geffect``, ``instances``, ``conflicts``, ``pairs``, ``tokens``: lists of rows).
 
@@ -50,6 +50,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
     evaluation (default: NLL of the forget set, the retain set and the perturbed forget answers).
     ``reference`` is θ_o to use instead of one made from the starting weights. ``resume``
     continues the interrupted run in ``out`` (its staging folder) from its last checkpoint.
+    ``base_probe`` (:class:`~geffect.engine.probe.BaseProbe`): the probe's captures at the starting
+    weights, shared with other runs that start from them.
     """
     world = World.init(cfg.parallel, cfg.device)   # a single process unless launched by torchrun
     if world.active:
@@ -62,7 +64,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         run = RunDir(None)
     s = prepare(cfg, hyper, loaded, reference, profile)
     forward_model = world.wrap(s.model)           # before the optimizer: FSDP replaces the parameters
-    step, schedule = make_step(s, profile, world, forward_model), Schedule.of(profile)
+    step, schedule = make_step(s, profile, world, forward_model, base_probe), Schedule.of(profile)
     evaluator = make_evaluator(s, profile)
     with run, StopOnSignal() as stop:
         evaluate = evaluate or partial(default_evaluation, tok=s.tokenizer, data=s.data, max_length=cfg.max_length,
@@ -234,7 +236,7 @@ def _distributed_profile(profile: ProfileConfig | None, world: World, cfg: Unlea
     return profile
 
 
-def make_step(s, profile: ProfileConfig | None, world: World = SINGLE, forward_model=None) -> Step:
+def make_step(s, profile: ProfileConfig | None, world: World = SINGLE, forward_model=None, base_probe=None) -> Step:
     """The run's step, with the engine (and the probe set) when profiling."""
     from geffect.engine.engine import Engine
     from geffect.engine.probe import make_probe
@@ -244,7 +246,7 @@ def make_step(s, profile: ProfileConfig | None, world: World = SINGLE, forward_m
         probe = make_probe(s.tokenizer, s.data, profile.probe_retain, s.cfg.max_length, s.cfg.seed,
                            profile.probe_forget, s.cfg.prompt_format, profile.probe_size, profile.probe_batch)
     return Step(s.model, s.method, s.reference, s.ctx, engine, probe, s.cfg.pcgrad_scope, s.cfg.on_nonfinite,
-                world, forward_model)
+                world, forward_model, base_probe)
 
 
 class StopOnSignal:

@@ -8,7 +8,10 @@ only call ``.tolist()`` on them.
 Tables (one CSV each; ``{g}`` columns repeat per layer group, e.g. ``value_shallow``):
 
 - ``records.csv``: one row per optimizer step: losses, batch NLLs, learning rate, weight summary, the
-  gradient's norm, what (if anything) was not finite and whether the update was applied.
+  step's seconds (``time_s``) and their split by phase (``t_forward``, ``t_backward``, ``t_effects``,
+  ``t_conflicts``, ``t_pairs``, ``t_tokens``, ``t_probe``, ``t_optimizer``: self time, see
+  ``geffect/timing.py``), the gradient's norm, what (if anything) was not finite and whether the
+  update was applied.
 - ``geffect.csv``: long format, one row per step, source (``batch``: the step's own rows;
   ``probe``: the fixed probe set), direction, risk (``unlearn`` = e_u, ``retain`` = e_r) and group
   (the five groups and ``total``).
@@ -49,11 +52,15 @@ class Table:
 
 WEIGHT_STATS = ("weight_mean", "weight_std", "weight_min", "weight_max")
 LOSSES = ("loss", "loss_forget", "loss_retain", "nll_forget", "nll_retain")
+# seconds of the step in each phase (geffect.timing.PHASES; kept here so this module stays torch-free)
+PHASE_COLUMNS = tuple(f"t_{p}" for p in ("forward", "backward", "effects", "conflicts", "pairs", "tokens", "probe",
+                                          "optimizer"))
 
 TABLES = {t.name: t for t in (
     Table("records", "one row per optimizer step: the objective's parts, the batch NLLs, the learning rate "
                      "and the weights the objective applied",
-          ("step", *LOSSES, "lr", *WEIGHT_STATS, "time_s", "grad_norm", "clipped", "nonfinite", "update"),
+          ("step", *LOSSES, "lr", *WEIGHT_STATS, "time_s", *PHASE_COLUMNS, "grad_norm", "clipped", "nonfinite",
+           "update"),
           required=("step", "nll_forget", "nll_retain"), numeric=("step", "nll_forget", "nll_retain")),
     Table("geffect", "G-effect e = ∇Rᵀ V per step, source, direction, risk and layer group (and total)",
           ("step", "source", "direction", "risk", "group", "value"),
@@ -93,8 +100,10 @@ def step_row(step: int, lr: float, res, seconds: float) -> dict:
         w = weights.detach().float()
         row.update({"weight_mean": w.mean().item(), "weight_std": w.std().item() if w.numel() > 1 else 0.0,
                     "weight_min": w.min().item(), "weight_max": w.max().item()})
-    return row | {"time_s": seconds, "grad_norm": res.grad_norm, "clipped": res.clipped,
-                  "nonfinite": "+".join(res.nonfinite), "update": "applied" if res.applied else "skipped"}
+    phases = {f"t_{k}": v for k, v in getattr(res, "phases", {}).items()}
+    return row | {"time_s": seconds, **{c: phases.get(c, 0.0) for c in PHASE_COLUMNS}, "grad_norm": res.grad_norm,
+                  "clipped": res.clipped, "nonfinite": "+".join(res.nonfinite),
+                  "update": "applied" if res.applied else "skipped"}
 
 
 def effect_rows(step: int, effects) -> list[dict]:
@@ -215,7 +224,8 @@ class RecordWriter:
             if self.keep:
                 self.rows[name].extend(rows)
             fh = open(f, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
-            self._files[name] = (fh, csv.DictWriter(fh, fieldnames=header, extrasaction="raise", lineterminator="\n"))
+            # a folder written by an older geffect keeps its columns (e.g. without the t_* phase times)
+            self._files[name] = (fh, csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", lineterminator="\n"))
 
     def add(self, table: str, rows: list[dict]) -> None:
         if not rows:

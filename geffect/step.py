@@ -14,6 +14,10 @@ else rebuilds a step. One call:
    allocates its state, so the captured tensors are freed first;
 4. clipping and the optimizer update; along the update −Δθ/η (direction ``update``), the records
    after it, at the weights before it.
+
+Group-only (``--no-instances``) GA and GD replace 1–3: the backward runs in two passes over the
+parts' own forward chunks and per-tensor dot products give the conflict statistics and the group
+G-effects (:mod:`geffect.engine.grouponly`). Each phase's self time is kept (:mod:`geffect.timing`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from geffect.objectives import ForwardOut, Method, ObjectiveContext, Parts
 from geffect.objectives import functional as fn
 from geffect.reference import Reference
 from geffect.surgery import param_groups, plan
+from geffect.timing import Phases
 
 
 @dataclass
@@ -56,6 +61,7 @@ class StepResult:
     clipped: bool = False                    # whether --clip scaled the gradient down
     nonfinite: list[str] = field(default_factory=list)        # what was not finite: loss, gradient, geffect
     applied: bool = True                     # whether the optimizer step was taken
+    phases: dict[str, float] = field(default_factory=dict)    # self seconds per phase (geffect.timing)
 
     @property
     def finite(self) -> bool:
@@ -68,14 +74,16 @@ class Step:
     def __init__(self, model: torch.nn.Module, method: Method, reference: Reference | None = None,
                  ctx: ObjectiveContext | None = None, engine: Engine | None = None, probe=None,
                  pcgrad_scope: str = "global", on_nonfinite: str = "stop", world: World = SINGLE,
-                 forward_model: torch.nn.Module | None = None):
+                 forward_model: torch.nn.Module | None = None, base_probe=None):
         """``world``: this process's rank in a data-parallel or sharded run (:mod:`geffect.distributed`);
-        ``forward_model``: what the training forward runs through (the DDP wrapper), default ``model``."""
+        ``forward_model``: what the training forward runs through (the DDP wrapper), default ``model``;
+        ``base_probe``: a :class:`~geffect.engine.probe.BaseProbe` sharing the probe's captures at
+        the base weights between runs (direction ``update``)."""
         if method.needs_ref and reference is None:
             raise ValueError(f"{method.name} needs a reference model θ_o")
         self.model, self.method, self.reference, self.ctx = model, method, reference, ctx or ObjectiveContext()
         self.world, self.forward_model = world, forward_model if forward_model is not None else model
-        self.engine, self.probe, self.scope = engine, probe, pcgrad_scope
+        self.engine, self.probe, self.scope, self.base_probe = engine, probe, pcgrad_scope, base_probe
         self.on_nonfinite = on_nonfinite   # stop / skip-step: a non-finite loss or gradient is not applied
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._capturer = engine       # PCGrad without profiling captures through an engine of its own
@@ -100,6 +108,7 @@ class Step:
     def __call__(self, micro: list[MicroBatch], due: Due = NOTHING, optimizer=None, lr: float | None = None,
                  clip: float | None = None) -> StepResult:
         t0 = time.perf_counter()
+        self.phases = ph = Phases()
         method, engine = self.method, self.engine if due.any else None
         direction = engine.cfg.direction if engine else "grad"
         if direction == "update" and optimizer is None:
@@ -111,11 +120,12 @@ class Step:
         group_only = (engine is not None and not engine.cfg.instances and due.effects and not due.pairs
                       and direction == "grad" and single and method.group_only_candidate
                       and self._tied() is not None)
-        # the training backward in two passes, forget part then retain part (each over its own rows'
-        # forward chunk): the conflict statistics from three dots per tensor as the second arrives
-        # (PCGrad needs the parts' gradients themselves: geffect.engine.parts' path)
-        two_pass = single and not method.pcgrad and (group_only or parts_due)
-        dots = TwoPassDots(self.params, keep_first=method.has_retain_part) if two_pass else None
+        # group-only: the training backward in two passes, forget part then retain part (each over its
+        # own rows' forward chunk), the conflict statistics and the G-effects from three dots per
+        # tensor as the second arrives. Not with per-instance values: their captured cotangents of the
+        # first pass would be held through the second (no streaming), where the captured path below
+        # streams the conflict statistics at about the same time cost
+        dots = TwoPassDots(self.params, keep_first=method.has_retain_part, phases=ph) if group_only else None
         if group_only:
             tied = self._tied()
             capturer = Capture(self.model, {n: engine.assignment[n] for n in tied}) if tied else None
@@ -126,7 +136,7 @@ class Step:
         # backward) covers them alone
         retain_chunk = (engine is not None and engine.cfg.reuse_backward and not method.has_retain_part
                         and method.reuse_candidate and not self.world.active)    # DDP: one forward per backward
-        keep_training = (parts_due and not two_pass) or (engine is not None and due.pairs)
+        keep_training = (parts_due and not group_only) or (engine is not None and due.pairs)
         # along ∇L with everything known at the end of this one backward: take each module's values
         # as its gradient completes and free its captured tensors then (see Engine.backward)
         # (not across processes: a module's .grad is complete only after the gradient reduction)
@@ -145,18 +155,17 @@ class Step:
         for mb in micro:
             parts, fo, cap = self._micro_step(mb, len(micro), None if group_only else engine, capturer, retain_chunk,
                                               keep_training, res, stream,
-                                              scalars if stream and parts_due and not two_pass else None,
+                                              scalars if stream and parts_due else None,
                                               pairs if engine is not None and due.pairs else None, dots,
                                               factors if group_only else None)
             if group_only:
                 res.path = "two-pass"
-                per_tensor = dots.result()
-                res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
-                                                 dots.keep_first, *factors, mb.batch.segments, cap))
+                with ph("effects"):
+                    per_tensor = dots.result()
+                    res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
+                                                     dots.keep_first, *factors, mb.batch.segments, cap))
                 scalars = per_tensor if parts_due else {}
                 cap = None
-            elif dots is not None:
-                scalars = dots.result()
             if cap is not None:
                 captured.append(Captured(cap, mb.batch.segments, mb.forget_index, mb.retain_index,
                                          parts.instance_weights()))
@@ -168,16 +177,18 @@ class Step:
             res.losses["loss_retain"] = float("nan")
         res.weights = torch.cat(weights) if all(w is not None for w in weights) else None
         for acc in pairs:            # the modules not streamed during the backward
-            acc.add([n for n in engine.assignment if n in acc.c.cap.seen])
+            with ph("pairs"):
+                acc.add([n for n in engine.assignment if n in acc.c.cap.seen])
             res.pairs.append(acc.result())
         if parts_due:
-            if not two_pass:   # the modules not streamed during the backward
-                held = {n: g for n, g in capturer.assignment.items() if any(n in c.cap.seen for c in captured)}
-                scalars |= part_scalars(self.model, held, captured, self.world)
-            assignment = engine.assignment if engine is not None else capturer.assignment
-            res.conflicts, coef = plan(scalars, self.groups_of(), self.scope, apply=method.pcgrad)
-            if method.pcgrad:
-                apply_coefficients(self.model, assignment, captured, coef, self.world)
+            with ph("conflicts"):
+                if not group_only:   # the modules not streamed during the backward
+                    held = {n: g for n, g in capturer.assignment.items() if any(n in c.cap.seen for c in captured)}
+                    scalars |= part_scalars(self.model, held, captured, self.world)
+                assignment = engine.assignment if engine is not None else capturer.assignment
+                res.conflicts, coef = plan(scalars, self.groups_of(), self.scope, apply=method.pcgrad)
+                if method.pcgrad:
+                    apply_coefficients(self.model, assignment, captured, coef, self.world)
         if engine is None:
             for c in captured:
                 c.cap.release()
@@ -185,6 +196,7 @@ class Step:
         if engine is not None and not engine.cfg.instances:     # group means only
             res.effects = [e if e.means is not None else e.group_only() for e in res.effects]
         res.seconds = time.perf_counter() - t0
+        res.phases = ph.seconds
         return res
 
     def _check(self, res: StepResult) -> None:
@@ -199,7 +211,9 @@ class Step:
     def _finish(self, engine, direction, captured, sources, due, res, optimizer, lr, clip) -> None:
         """The probe, the records along the chosen direction, clipping and the update (not taken
         when the loss or the gradient is not finite, unless ``on_nonfinite`` is continue)."""
-        self._check(res)
+        ph = self.phases
+        with ph("optimizer"):
+            self._check(res)
         probe = engine is not None and due.probe and bool(self.probe)
         snapshot = None
         if engine is not None and direction == "grad":
@@ -208,21 +222,32 @@ class Step:
             self._measure(engine, engine.direction_from_grads(), captured, probe, sources, due, res)
         elif engine is not None:
             # along the update: the probe's cotangents at the weights before it, kept until then
-            probe = [engine.capture_probe(p) for p in self.probe] if probe else None
-            snapshot = engine.snapshot()
+            with ph("probe"):
+                if not probe:
+                    probe = None
+                elif self.base_probe is not None:      # (captures, shared)
+                    probe = self.base_probe.captures(engine, self.probe)
+                else:
+                    probe = ([engine.capture_probe(p) for p in self.probe], False)
+            with ph("effects"):
+                snapshot = engine.snapshot()
         res.applied = optimizer is not None and (res.finite or self.on_nonfinite == "continue")
         if res.applied:
-            if clip is not None:
-                res.clipped = res.grad_norm > clip
-                torch.nn.utils.clip_grad_norm_(self.params, clip)
-            optimizer.step()
+            with ph("optimizer"):
+                if clip is not None:
+                    res.clipped = res.grad_norm > clip
+                    torch.nn.utils.clip_grad_norm_(self.params, clip)
+                optimizer.step()
+                if self.base_probe is not None:
+                    self.base_probe.left_base()
         if snapshot is not None and not lr:   # a warm-up step at lr 0 moves nothing: no direction to measure
             for c in captured:
                 c.cap.release()
             snapshot = None
         if snapshot is not None:   # along the update −Δθ/η, at the weights before it
             before = {n: snapshot[id(p)] for n, p in self.model.named_parameters() if id(p) in snapshot}
-            V = engine.direction_from_update(snapshot, lr, inplace=not due.tokens)
+            with ph("effects"):
+                V = engine.direction_from_update(snapshot, lr, inplace=not due.tokens)
             self._measure(engine, V, captured, probe, sources, due, res, params=before if due.tokens else None)
         if any(not bool(torch.isfinite(e.forget).all() and torch.isfinite(e.retain).all()) for e in res.effects):
             res.nonfinite.append("geffect")
@@ -243,24 +268,10 @@ class Step:
             if cap is not None:
                 cap.keep_training = keep_training
             chunks = part_rows(batch.segments) if retain_chunk or dots is not None else None
-            fo = forward(self.forward_model, self.reference, batch, method, self.ctx, chunks, cap)
-            sf, sr = mb.shares if mb.shares is not None else (1.0 / n, 1.0 / n)
-            backprop = None
-            if dots is not None and method.has_retain_part:    # each part on its own chunk's view
-                pf = method.parts(fo.views[0], self.ctx, retain_part=False, forget_part=sf > 0, shares=(sf, sr))
-                pr = method.parts(fo.views[1], self.ctx, retain_part=sr > 0, forget_part=False, shares=(sf, sr))
-                parts = Parts(pf.forget, pr.retain, pf.total + pr.total, pf.instance_weight, pf.token_weight)
-                backprop = two_passes(pf.total, pr.total, dots, cap)
-            else:
-                # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
-                parts = method.parts(fo.views[0] if chunks is not None else fo, self.ctx, retain_part=sr > 0,
-                                     forget_part=sf > 0, shares=(sf, sr))
-                if dots is not None:      # GA alone, group-only: the retain risk's backward, then the loss's
-                    r = batch.segments["retain"]
-                    backprop = two_passes(fn.mean_nll(fo.views[1].nll[r], fo.mask[r]).sum(), parts.total, dots, cap)
+            ph = self.phases
+            with ph("forward"):
+                fo, parts, backprop, (sf, sr) = self._forward_parts(mb, n, cap, chunks, dots, factors)
             loss = parts.total
-            if factors is not None:
-                factors += split_factors(fo, loss, method.has_retain_part)
             if not (torch.is_tensor(loss) and loss.requires_grad):
                 pass                       # a micro-batch that carries no part (rows only measured)
             elif engine is not None:
@@ -273,18 +284,23 @@ class Step:
 
                 def on_modules(names, cap=cap, acc=acc):
                     if scalars is not None:
-                        scalars.update(part_scalars(self.model, {k: engine.assignment[k] for k in names},
-                                                    [Captured(cap, batch.segments, [], [])]))
+                        with ph("conflicts"):
+                            scalars.update(part_scalars(self.model, {k: engine.assignment[k] for k in names},
+                                                        [Captured(cap, batch.segments, [], [])]))
                     if acc is not None:
-                        acc.add(names)
-                res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop, stream=stream,
-                                           on_modules=on_modules)
+                        with ph("pairs"):
+                            acc.add(names)
+                with ph("backward"):
+                    res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop,
+                                               stream=stream, on_modules=on_modules, phases=ph)
             elif cap is not None:
                 cap.stash = backprop is not None      # group-only: the tied embeddings' cotangents
-                training_backward(cap, backprop or loss.backward)
+                with ph("backward"):
+                    training_backward(cap, backprop or loss.backward)
                 cap.stash = False
             else:
-                (backprop or loss.backward)()
+                with ph("backward"):
+                    (backprop or loss.backward)()
         res.losses["loss"] += parts.total.item() if torch.is_tensor(parts.total) else float(parts.total)
         res.losses["loss_forget"] += parts.forget.item() * sf
         res.losses["loss_retain"] += (parts.retain.item() if parts.retain is not None else 0.0) * sr
@@ -292,40 +308,63 @@ class Step:
         res.losses["nll_retain"] += fn.nll_loss(*fo.seg("retain")).item() * sr if sr > 0 else 0.0
         return parts, fo, cap
 
+    def _forward_parts(self, mb: MicroBatch, n: int, cap, chunks, dots: TwoPassDots | None,
+                       factors: list | None):
+        """θ's forward (in ``chunks``), θ_o's values and the objective's parts; with ``dots``, the
+        two-pass backward to run. -> (ForwardOut, Parts, backprop or None, (s_f, s_r))"""
+        method, batch = self.method, mb.batch
+        fo = forward(self.forward_model, self.reference, batch, method, self.ctx, chunks, cap)
+        sf, sr = mb.shares if mb.shares is not None else (1.0 / n, 1.0 / n)
+        backprop = None
+        if dots is not None and method.has_retain_part:    # each part on its own chunk's view
+            pf = method.parts(fo.views[0], self.ctx, retain_part=False, forget_part=sf > 0, shares=(sf, sr))
+            pr = method.parts(fo.views[1], self.ctx, retain_part=sr > 0, forget_part=False, shares=(sf, sr))
+            parts = Parts(pf.forget, pr.retain, pf.total + pr.total, pf.instance_weight, pf.token_weight)
+            backprop = two_passes(pf.total, pr.total, dots)
+        else:
+            # with a retain chunk: on the forget-side chunk's view (the loss reads only it)
+            parts = method.parts(fo.views[0] if chunks is not None else fo, self.ctx, retain_part=sr > 0,
+                                 forget_part=sf > 0, shares=(sf, sr))
+            if dots is not None:      # GA alone, group-only: the retain risk's backward, then the loss's
+                r = batch.segments["retain"]
+                backprop = two_passes(fn.mean_nll(fo.views[1].nll[r], fo.mask[r]).sum(), parts.total, dots)
+        if factors is not None:
+            factors += split_factors(fo, parts.total, method.has_retain_part)
+        return fo, parts, backprop, (sf, sr)
+
     def _measure(self, engine: Engine, V: dict, captured: list[Captured], probe, sources: list[TokenSource],
                  due: Due, res: StepResult, params: dict | None = None) -> None:
         """Per-token effects, then the batch's and the probe's effects along V (frees the captures).
-        ``probe``: True (capture each probe chunk now, one at a time), the captured chunks, or None."""
+        ``probe``: True (capture each probe chunk now, one at a time), (the captured chunks, whether
+        they are shared and stay held), or None."""
         # per-token jvp needs every weight whole: not under FSDP (the tokens' NLLs and weights still are)
         jvp_ok = due.tokens and not self.world.sharded
-        effects = [src.effects(self.model, V, params) for src in sources] if jvp_ok else None
+        ph = self.phases
+        with ph("tokens"):
+            effects = [src.effects(self.model, V, params) for src in sources] if jvp_ok else None
         res.tokens = [src.tokens(effects[k] if effects is not None else None) for k, src in enumerate(sources)]
         if due.effects and captured:       # (group-only: taken from the backward already)
-            res.effects.append(engine.effects(captured, V))
+            with ph("effects"):
+                res.effects.append(engine.effects(captured, V))
         for c in captured:
             c.cap.release()
         if probe:      # chunk by chunk: each captured, measured and released before the next
-            chunks = probe if probe is not True else (engine.capture_probe(p) for p in self.probe)
-            res.effects.append(Effects.concat([engine.effects([c], V, source="probe") for c in chunks]))
+            chunks, shared = probe if probe is not True else ((engine.capture_probe(p) for p in self.probe), False)
+            with ph("probe"):
+                res.effects.append(Effects.concat([engine.effects([c], V, source="probe", release=not shared)
+                                                   for c in chunks]))
 
 
-def two_passes(first, second, dots: TwoPassDots, cap=None):
+def two_passes(first, second, dots: TwoPassDots):
     """The training backward as two passes (``first``, then ``second``; a part that is not a tensor
-    with a gradient is skipped), ``dots`` taking per-tensor products as the second arrives. A
-    streaming capture waits for the second pass: a module's gradient is complete only then."""
+    with a gradient is skipped), ``dots`` taking per-tensor products as the second arrives."""
     def run(x) -> None:
         if torch.is_tensor(x) and x.requires_grad:
             x.backward()
 
     def backprop() -> None:
-        if cap is not None:
-            cap.stream_hold = True
         with dots:
-            try:
-                run(first)
-            finally:
-                if cap is not None:
-                    cap.stream_hold = False
+            run(first)
             dots.arm()
             run(second)
     return backprop

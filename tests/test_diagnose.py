@@ -104,6 +104,31 @@ def test_candidates_start_from_the_same_weights(tmp_path):
         assert pred * meas > 0 and 0.5 < pred / meas < 2, r["method"]
 
 
+def test_shared_base_probe_gives_the_same_records_and_ranking(monkeypatch):
+    """The probe's captures at the restored weights, taken once for all candidates (RMU, which
+    freezes most parameters, keyed apart), give every candidate the records and rank it gets with
+    its own captures."""
+    from geffect.engine.engine import Engine
+    methods = ["rmu", "gd", "npo+gd", "simnpo"]
+    loaded = tiny_model("tiny-llama", seed=0)
+    dcfg = DiagnoseConfig(methods=methods, steps=2, lr=1e-3)
+    calls = []
+    original = Engine.capture_probe
+    monkeypatch.setattr(Engine, "capture_probe", lambda self, p: calls.append(1) or original(self, p))
+    shared = diagnose(BASE, dcfg, progress=False, loaded=loaded)
+    n_shared = len(calls)
+    own = diagnose(BASE, dcfg, progress=False, loaded=loaded, share_probe=False)
+    # one probe chunk per step: 2 steps x 4 candidates alone; shared, the first steps of gd, npo+gd and
+    # simnpo (all parameters train) take one capture between them, rmu's its own
+    assert len(calls) - n_shared == 8 and n_shared == 8 - 2
+    assert [r["method"] for r in shared["candidates"]] == [r["method"] for r in own["candidates"]]
+    assert shared["recommendation"] == own["recommendation"]
+    for a, b in zip(shared["candidates"], own["candidates"]):
+        for key, v in b.items():
+            if not key.startswith("seconds") and isinstance(v, float):
+                assert a[key] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (a["method"], key)
+
+
 def test_diagnose_cli_writes_json_csv_and_figure(tmp_path, capsys):
     from geffect.cli import main
     out = tmp_path / "diag"

@@ -141,6 +141,23 @@ def test_fast_rules_agree_with_jvp_fallback():
         assert torch.allclose(fast, slow, atol=1e-5)
 
 
+def test_linear_rule_sparse_and_dense_paths_agree_with_jvp_in_any_order():
+    """The Linear rule takes live positions only when few carry a cotangent, and once a module was
+    found mostly live it skips that test: both paths, in either order, equal the jvp fallback."""
+    from geffect.engine.rules import _DENSE
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5)
+    sparse = torch.zeros(3, 8, 4)
+    sparse[:, 6:] = torch.randn(3, 2, 4)                         # 25 % of the positions live
+    dense = torch.randn(3, 8, 4)
+    for order in ((sparse, dense, sparse), (dense, sparse, dense)):
+        lin = torch.nn.Linear(5, 4)
+        V = {n: torch.randn_like(p) for n, p in lin.named_parameters()}
+        for g in order:
+            assert torch.allclose(rule_for(lin)(lin, (x,), g, V), jvp_rule(lin, (x,), g, V), atol=1e-5)
+        assert lin in _DENSE                                     # a dense cotangent was seen
+
+
 def test_duplicate_rule_registration_refused():
     from geffect.engine.rules import register_rule
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""Group-only G-effects (``--no-instances``) and the two-pass conflict statistics against their twins:
+"""Group-only G-effects (``--no-instances``) and their two-pass conflict statistics against their twins:
 the per-instance engine's group means (itself tested against autograd), autograd's ⟨∇R, ∇L⟩ for
 the totals, and the split path's statistics; tied and untied embeddings."""
 import pytest
@@ -114,9 +114,8 @@ def test_no_instances_elsewhere_writes_the_per_instance_means(spec):
             assert e.summary()[risk][g] == pytest.approx(v, rel=1e-5, abs=1e-9)
 
 
-def test_two_pass_conflicts_leave_the_effects_unchanged():
-    """Conflict statistics split the backward into two passes over two forward chunks: the
-    per-instance G-effects are those of the one-pass step."""
+def test_conflict_statistics_leave_the_effects_unchanged():
+    """Taking the conflict statistics (the training cotangents kept, streamed) changes no G-effect."""
     for kind, model, tok in models():
         method = method_of("npo+gd")
         ctx, ref = setup(model, method)

@@ -193,19 +193,21 @@ def _candidate_record(method: str, summary: dict, steps: int, lr_of) -> dict:
 
 
 def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool = False,
-             progress: bool = True, loaded=None) -> dict:
+             progress: bool = True, loaded=None, share_probe: bool = True) -> dict:
     """Run every candidate for ``dcfg.steps`` profiled steps from the same weights; rank them.
 
     ``base`` is an :class:`UnlearnConfig` giving the model, data, memorisation, max length and seed.
     Returns {"basis", "candidates": [record…], "recommendation"}; writes diagnosis.json,
-    diagnosis.csv, geffect.csv, conflicts.csv and diagnosis.png into ``out``.
+    diagnosis.csv, geffect.csv, conflicts.csv and diagnosis.png into ``out``. ``share_probe``: the
+    probe's captures at the restored weights are taken once for all candidates (off: once each;
+    the records are the same).
     """
     from dataclasses import replace
 
     from tqdm.auto import tqdm
 
     from geffect.config import ProfileConfig, validate
-    from geffect.engine.probe import probe_retain_indices
+    from geffect.engine.probe import BaseProbe, probe_retain_indices
     from geffect.eval.nll import evaluate_nll
     from geffect.loop import unlearn
     from geffect.objectives import parse_method
@@ -248,10 +250,13 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
                       save_model=False, progress=False, pcgrad=False)
         prof = ProfileConfig(direction="update", pairs_every=0, tokens_every=0, conflicts=True, probe_every=1,
                              probe_retain=dcfg.eval_retain, probe_forget=False)
+        base_probe = BaseProbe() if share_probe else None   # every candidate's first probe: the same weights
         bar = tqdm(methods, desc="diagnose", disable=not progress)
         for method in bar:
             bar.set_description(f"diagnose {method}")
             restore(model, snap)
+            if base_probe is not None:
+                base_probe.at_base()
             tc = time.perf_counter()
             calls = []
 
@@ -260,7 +265,7 @@ def diagnose(base, dcfg: DiagnoseConfig, out: str | None = None, overwrite: bool
                 return before if len(calls) == 1 else evaluate(m)
 
             summary = unlearn(replace(cfg, method=method), loaded=loaded, profile=prof, evaluate=evaluate_once,
-                              reference=reference)
+                              reference=reference, base_probe=base_probe)
             rec = _candidate_record(method, summary, dcfg.steps, lambda step: dcfg.lr)
             rec["restored_exactly"] = True
             rec["seconds"] = time.perf_counter() - tc

@@ -56,7 +56,6 @@ class Capture:
         self.rows: torch.Tensor | None = None        # global rows of the forward about to run
         self.recomputed = 0                          # module calls seen again in a checkpointed recompute
         self.stream_to = None                        # callback(module names) when their gradients are complete
-        self.stream_hold = False                     # True during a first of two backward passes (not complete yet)
         self.streamed: dict[str, torch.Tensor] = {}  # per-row inner products already taken, per group
         self._owners: dict[int, list[str]] = {}
         for name, mod in self.modules.items():
@@ -80,7 +79,7 @@ class Capture:
 
     def _accumulated(self, names: list[str]):
         def hook(param):
-            if self.stream_to is None or not self.training_pass or self.stream_hold:
+            if self.stream_to is None or not self.training_pass:
                 return
             ready = []
             for n in names:

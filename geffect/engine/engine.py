@@ -28,6 +28,7 @@ or, against a fixed probe set at the current weights (no training forward needed
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -161,14 +162,16 @@ class Engine:
         return {split: table[s.start - span.start:s.stop - span.start] for split, s in (("forget", f),
                                                                                          ("retain", r))}
 
-    def effects(self, captured: list[Captured], V: dict[int, torch.Tensor], source: str = "batch") -> Effects:
-        """Per-instance, per-group G-effects of captured forwards along V; releases their tensors."""
+    def effects(self, captured: list[Captured], V: dict[int, torch.Tensor], source: str = "batch",
+                release: bool = True) -> Effects:
+        """Per-instance, per-group G-effects of captured forwards along V; releases their tensors
+        (unless ``release`` is off: captures shared between steps, see :class:`~geffect.engine.probe.BaseProbe`)."""
         per = {"forget": [], "retain": []}
         for c in captured:
             res = self.per_instance(c.cap, c.segments, V)
             per["forget"].append(res["forget"])
             per["retain"].append(res["retain"])
-        for c in captured:
+        for c in captured if release else ():
             c.cap.release()
         weights = [c.weights for c in captured]
         return Effects(source, self.cfg.direction, list(self.groups), torch.cat(per["forget"]).cpu(),
@@ -177,7 +180,7 @@ class Engine:
                        torch.cat(weights).cpu() if all(w is not None for w in weights) else None)
 
     def backward(self, cap: Capture, fo, loss: torch.Tensor, reuse: bool = True, backprop=None,
-                 stream: bool = False, on_modules=None) -> str:
+                 stream: bool = False, on_modules=None, phases=None) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
         ``reuse``: if the loss reads the model only through the per-token NLL and on every
@@ -196,6 +199,7 @@ class Engine:
         (direction ``grad``, one micro-batch, no PCGrad): each module's inner products are then
         taken the moment its gradient is complete, ``on_modules(names)`` is called for anything else
         to take from them, and their captured tensors are freed during the backward.
+        ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
         """
         backprop = backprop or loss.backward
         R, f, r = risk_rows(fo)
@@ -217,7 +221,7 @@ class Engine:
         if c is not None:
             cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
         if stream:
-            self._arm(cap, fo.segments, on_modules)
+            self._arm(cap, fo.segments, on_modules, phases)
         if c is None:
             cap.risk_grads(R)
             training_backward(cap, backprop)
@@ -227,7 +231,7 @@ class Engine:
         cap.stash = False
         return path
 
-    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules) -> None:
+    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None) -> None:
         """Stream: per-row inner products of each module against its completed ``.grad``."""
         f, r = segments["forget"], segments["retain"]
         span = slice(min(f.start, r.start), max(f.stop, r.stop))
@@ -235,7 +239,7 @@ class Engine:
         def ready(names: list[str]) -> None:
             V = {id(p): p.grad for n in names for p in cap.modules[n]._parameters.values()
                  if p is not None and p.grad is not None}
-            with torch.no_grad():
+            with torch.no_grad(), phases("effects") if phases is not None else nullcontext():
                 for g, v in cap.inner_products(V, span, names).items():
                     cap.streamed[g] = cap.streamed[g] + v if g in cap.streamed else v
             if on_modules is not None:

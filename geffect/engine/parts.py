@@ -17,6 +17,7 @@ embedding shared with the output projection gets g_f from both uses before it is
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Self
 
 import torch
@@ -167,8 +168,9 @@ class TwoPassDots:
         scalars = dots.result()          # {id(p): (⟨X,Y⟩, ‖X‖², ‖Y‖²)}
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], keep_first: bool = True):
-        self.params, self.keep_first = list(params), keep_first
+    def __init__(self, params: list[torch.nn.Parameter], keep_first: bool = True, phases=None):
+        """``phases`` (:class:`geffect.timing.Phases`): the dots count as ``conflicts``."""
+        self.params, self.keep_first, self.phases = list(params), keep_first, phases
         self.armed = False
         self._handles: list = []
         self._dots: dict[int, list[torch.Tensor]] = {}     # per tensor, one (3,) float32 per piece
@@ -191,7 +193,7 @@ class TwoPassDots:
         def hook(y: torch.Tensor) -> None:
             if not self.armed:
                 return
-            with torch.no_grad():
+            with torch.no_grad(), self.phases("conflicts") if self.phases is not None else nullcontext():
                 self._dots[id(p)] = _three_dots(p.grad, y)
             if not self.keep_first:
                 p.grad = None          # AccumulateGrad then stores Y alone

@@ -40,3 +40,37 @@ def make_probe(tok, data, n_retain: int, max_length: int, seed: int, forget: boo
                     max_length, fmt)
         chunks.append(Probe(b.input_ids, b.attention_mask, b.labels, b.segments, fi, ri))
     return chunks
+
+
+class BaseProbe:
+    """The probe's captures at one set of base weights, shared by runs that each start from them
+    (``diagnose``: every candidate's first step starts from the same restored weights, so the probe
+    rows' activations and risk cotangents there are the same for all; captured once, not once per
+    candidate). Call :meth:`at_base` when the weights are (restored to) the base; the step calls
+    :meth:`left_base` when it updates them. Keyed by which parameters train (RMU freezes all but
+    a few blocks: fewer modules then carry a cotangent)."""
+
+    def __init__(self):
+        self._captured: dict[tuple, list] = {}
+        self._here = False
+
+    def at_base(self) -> None:
+        self._here = True
+
+    def left_base(self) -> None:
+        self._here = False
+
+    def captures(self, engine, probes: list[Probe]) -> tuple[list, bool]:
+        """(the probe chunks' captures at the current weights, whether they are shared: a shared
+        capture must not be released by its user)."""
+        if not self._here:
+            return [engine.capture_probe(p) for p in probes], False
+        key = tuple(p.requires_grad for p in engine.model.parameters())
+        if key not in self._captured:
+            caps = [engine.capture_probe(p) for p in probes]
+            for c in caps:          # plain tensors: no autograd graph of the probe forward kept alive
+                for chunks in c.cap.seen.values():
+                    for rec in chunks:
+                        rec.inputs = tuple(x.detach() if torch.is_tensor(x) else x for x in rec.inputs)
+            self._captured[key] = caps
+        return self._captured[key], True

@@ -12,6 +12,7 @@ float32; each rule returns float32 on the tensors' device.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -38,13 +39,21 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])           # (N, T, d)
 
 
+# Modules whose cotangents were once found live on most positions: the dense product is exact for
+# any cotangent, so they skip the liveness test (a full read of the cotangent) from then on.
+_DENSE: weakref.WeakSet = weakref.WeakSet()
+
+
 @register_rule(torch.nn.Linear)
 def linear_rule(mod, inputs, g, V) -> torch.Tensor:
     a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)
     out = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
     if "weight" in V:
-        live = g.abs().amax(-1) > 0                         # (N, T): positions with a cotangent
-        if live.float().mean() < 0.6:
+        live = None if mod in _DENSE else g.abs().amax(-1) > 0       # (N, T): positions with a cotangent
+        if live is not None and live.float().mean() >= 0.6:
+            _DENSE.add(mod)
+            live = None
+        if live is not None:
             # Position-local cotangents (the lm head and the last block see only the answer
             # tokens' loss): the inner product over the live positions only.
             n_idx, t_idx = live.nonzero(as_tuple=True)
