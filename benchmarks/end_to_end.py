@@ -34,15 +34,15 @@ VARIANTS = {
 }
 
 
-def run(argv: list[str], out: Path, log: Path) -> tuple[list[float], float]:
-    """Run ``python -m geffect …`` to completion; (per-step seconds, max RSS in MB)."""
+def run(argv: list[str], out: Path, log: Path) -> tuple[pd.DataFrame, float]:
+    """Run ``python -m geffect …`` to completion; (its records.csv, max RSS in MB)."""
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "-m", "geffect", *argv, "--out", str(out)], stdout=f, stderr=f)
         _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         sys.exit(f"geffect {' '.join(argv)} failed ({p.returncode}):\n{log.read_text()[-3000:]}")
-    return pd.read_csv(out / "records.csv")["time_s"].tolist(), usage.ru_maxrss / 1024
+    return pd.read_csv(out / "records.csv"), usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -58,6 +58,7 @@ def main() -> None:
     common = ["--method", a.method, "--model", a.model, "--steps", str(a.steps), "--no-progress",
               "--no-save-model", *a.extra]
     times: dict[str, list[float]] = {v: [] for v in a.variants}
+    records: dict[str, list[pd.DataFrame]] = {v: [] for v in a.variants}
     rss: dict[str, list[float]] = {v: [] for v in a.variants}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -65,8 +66,10 @@ def main() -> None:
             tmp / "warm", tmp / "warm.log")                      # fills the memorise cache
         for r in range(a.repeats):
             for v in a.variants:
-                t, m = run(VARIANTS[v] + common, tmp / f"{v}-{r}", tmp / f"{v}-{r}.log")
+                rec, m = run(VARIANTS[v] + common, tmp / f"{v}-{r}", tmp / f"{v}-{r}.log")
+                t = rec["time_s"].tolist()
                 times[v] += t
+                records[v].append(rec)
                 rss[v].append(m)
                 print(f"repeat {r + 1}/{a.repeats} {v:<24} median step {statistics.median(t):.2f} s, "
                       f"max RSS {m:.0f} MB", flush=True)
@@ -77,6 +80,32 @@ def main() -> None:
         med, mean, m = statistics.median(times[v]), statistics.fmean(times[v]), statistics.median(rss[v])
         print(f"  {v:<24} {med:>9.2f} {mean:>8.2f} {med / statistics.median(times[base]):>9.2f} "
               f"{mean / statistics.fmean(times[base]):>7.2f} {m:>11.0f} {m / statistics.median(rss[base]):>6.2f}")
+    phase_table({v: pd.concat(r) for v, r in records.items()})
+
+
+def phase_table(records: dict[str, pd.DataFrame]) -> None:
+    """Where the time goes: the mean seconds per phase (records.csv's t_* columns, self time) over
+    the steps that took per-token G-effects or pairs, and over the others; ``other`` is the step's
+    time outside every phase (sampling the batch, the records)."""
+    print("\nper phase, mean seconds per step (t_* columns of records.csv):")
+    rows = []
+    for v, d in records.items():
+        cols = [c for c in d.columns if c.startswith("t_")]
+        if not cols:
+            continue
+        special = (d.get("t_tokens", 0) > 0) | (d.get("t_pairs", 0) > 0)
+        for label, sel in (("token/pair steps", special), ("other steps", ~special)):
+            if sel.any():
+                part = d[sel]
+                means = {c[2:]: part[c].mean() for c in cols}
+                means["other"] = part["time_s"].mean() - sum(means.values())
+                rows.append((f"{v}, {label} ({int(sel.sum())})", part["time_s"].mean(), means))
+    if not rows:
+        return
+    names = list(rows[0][2])
+    print(f"  {'steps':<40} {'time_s':>7} " + " ".join(f"{n:>9}" for n in names))
+    for label, total, means in rows:
+        print(f"  {label:<40} {total:>7.2f} " + " ".join(f"{means.get(n, 0.0):>9.3f}" for n in names))
 
 
 if __name__ == "__main__":

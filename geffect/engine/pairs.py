@@ -32,8 +32,13 @@ def _select(rec, rows: list[int]):
 
 
 def _inputs(rec, local, n_chunk):
+    """(index, the record's inputs on those rows): a slice, so views and no copies, when the rows
+    are contiguous."""
     ref = rec.train if rec.train is not None else rec.grad
-    idx = torch.tensor(local, device=ref.device)
+    if local == list(range(local[0], local[-1] + 1)):
+        idx = slice(local[0], local[-1] + 1)
+    else:
+        idx = torch.tensor(local, device=ref.device)
     return idx, tuple(x[idx] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
                       for x in rec.inputs)
 
@@ -83,45 +88,44 @@ class PairsAccumulator:
         self.out = {risk: torch.zeros(self.n_local, len(self.groups), device=self.device)
                     for risk in ("unlearn", "retain")}
 
-    def _risk_grads(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    def _risk_grad(self, name: str, rows: list[int], n: int) -> dict[str, torch.Tensor]:
+        """∇_m R of module ``name`` for the risk over ``rows`` (n of them globally), per tensor."""
         mod, recs = self.modules[name], self.c.cap.seen.get(name, [])
-        out = {}
-        for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
-            total = _risk_gradient(mod, self.params[name], recs, rows, self.c.cap)
-            if self.world is not None and self.world.active:     # whole tensors: the rules need all of V
-                total = {k: self.world.all_reduce_(total.get(k, torch.zeros(
-                    mod._parameters[k].shape, dtype=torch.float32, device=self.device))) for k in self.params[name]}
-            out[risk] = {k: v / n for k, v in total.items()}
-        return out
+        total = _risk_gradient(mod, self.params[name], recs, rows, self.c.cap)
+        if self.world is not None and self.world.active:     # whole tensors: the rules need all of V
+            total = {k: self.world.all_reduce_(total.get(k, torch.zeros(
+                mod._parameters[k].shape, dtype=torch.float32, device=self.device))) for k in self.params[name]}
+        return {k: v.div_(n) for k, v in total.items()}
 
     @torch.no_grad()
     def add(self, names: list[str]) -> None:
-        """Take the pairs' share of these modules (a tied tensor's modules must come together)."""
-        own = {name: self._risk_grads(name) for name in names}
-        shared: dict[int, dict[str, torch.Tensor]] = {}     # tied tensors: V from every module that uses them
-        for name in names:
-            for k in self.params[name]:
-                pid = id(self.modules[name]._parameters[k])
-                for risk, g in own[name].items():
-                    if k in g:
-                        shared.setdefault(pid, {}).setdefault(risk, []).append(g[k])
-        for name in names:
-            mod = self.modules[name]
-            gi = self.groups.index(self.assignment[name])
-            for rec in self.c.cap.seen.get(name, []):
+        """Take the pairs' share of these modules (a tied tensor's modules must come together). One
+        risk at a time: only one risk's gradients of these modules are held at once."""
+        side = {}
+        for name in names:            # the forget-side rows of each captured chunk, and their instances
+            for j, rec in enumerate(self.c.cap.seen.get(name, [])):
                 sel = _select(rec, self.side)
-                if sel is None or rec.train is None:
-                    continue
-                local, glob = sel
-                idx, inputs = _inputs(rec, local, rec.train.shape[0])
-                cot = rec.train[idx].detach()
-                inst = torch.tensor([self.owner[i] for i in glob], device=self.device)
-                for risk in ("unlearn", "retain"):
-                    V = {k: sum(shared[id(mod._parameters[k])][risk]).to(mod._parameters[k].dtype)
-                         for k in self.params[name] if risk in shared.get(id(mod._parameters[k]), {})}
-                    if V:
+                if sel is not None and rec.train is not None:
+                    local, glob = sel
+                    idx, inputs = _inputs(rec, local, rec.train.shape[0])
+                    inst = torch.tensor([self.owner[i] for i in glob], device=self.device)
+                    side[(name, j)] = (inputs, rec.train[idx].detach(), inst)
+        for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
+            shared: dict[int, torch.Tensor] = {}      # V per tensor: a tied tensor's uses summed
+            for name in names:
+                for k, g in self._risk_grad(name, rows, n).items():
+                    pid = id(self.modules[name]._parameters[k])
+                    shared[pid] = g if pid not in shared else shared[pid].add_(g)
+            for name in names:
+                mod = self.modules[name]
+                gi = self.groups.index(self.assignment[name])
+                V = {k: shared[id(mod._parameters[k])].to(mod._parameters[k].dtype)
+                     for k in self.params[name] if id(mod._parameters[k]) in shared}
+                for (owner, _), (inputs, cot, inst) in side.items():
+                    if owner == name and V:
                         vals = rule_for(mod)(mod, inputs, cot, V)            # (rows,) per-row ⟨∇L_row, V⟩
                         self.out[risk][:, gi].index_add_(0, inst, vals.to(self.device))
+            del shared
 
     def result(self) -> Pairs:
         c = self.c
