@@ -148,7 +148,7 @@ class ProfileConfig:
                                "'geffect'), by one forward-mode pass; 0 = off", min=0)
     stream: bool = opt(True, "take each module's inner products the moment the backward completes its gradient "
                              "and free what was captured for it (off: after the backward); applies along ∇L with one "
-                             "micro-batch and no PCGrad, outside the pairs steps")
+                             "micro-batch and no PCGrad (the pairs steps included)")
     blocks_path: str | None = opt(None, "dotted name of the ModuleList of transformer blocks, for a model whose "
                                          "blocks geffect cannot find (e.g. model.layers)")
     group_map: str | None = opt(None, "explicit layer groups for modules geffect cannot place: "

@@ -340,8 +340,10 @@ class Step:
         # per-token jvp needs every weight whole: not under FSDP (the tokens' NLLs and weights still are)
         jvp_ok = due.tokens and not self.world.sharded
         ph = self.phases
-        with ph("tokens"):
-            effects = [src.effects(self.model, V, params) for src in sources] if jvp_ok else None
+        effects = None
+        if jvp_ok:
+            with ph("tokens"):
+                effects = [src.effects(self.model, V, params) for src in sources]
         res.tokens = [src.tokens(effects[k] if effects is not None else None) for k, src in enumerate(sources)]
         if due.effects and captured:       # (group-only: taken from the backward already)
             with ph("effects"):

@@ -25,3 +25,4 @@ def test_a_run_applies_it_only_when_asked(monkeypatch):
     assert calls == []
     prepare(cfg)
     assert calls == [1]
+

@@ -10,9 +10,13 @@ a 2.6 s step (``benchmarks/overhead.py`` prints the ratio with and without these
 
 :func:`keep_freed_memory` makes freed memory stay in the process for reuse: large blocks come from
 the heap instead of fresh ``mmap`` s (``M_MMAP_MAX = 0``) and the heap is never trimmed
-(``M_TRIM_THRESHOLD`` at its maximum). Resident memory then stays at the peak already reached,
+(``M_TRIM_THRESHOLD = -1``, which glibc documents as "disables trimming completely"; its largest
+positive value, 2 GiB, still let glibc hand back the top of the heap whenever more than 2 GiB was
+free there, as between diagnose's candidates: a 135M model's optimizer state, gradients and
+snapshot are 2.2 GB, faulted in afresh for every candidate). Resident memory then stays at the
+peak already reached,
 which is what peak-memory figures report anyway. The same is done from the shell with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. Elsewhere than glibc it does nothing.
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1``. Elsewhere than glibc it does nothing.
 """
 from __future__ import annotations
 
@@ -36,5 +40,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):   # not glibc (e.g. musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
     return _applied
