@@ -138,9 +138,9 @@ class ProfileConfig:
     instances: bool = opt(True, "per-instance G-effects (instances.csv), the Fig. 5b pairs and per-token G-effects; "
                                 "off (--no-instances): the layer groups' G-effects and the conflict statistics only. "
                                 "For GA and GD (gradients proportional to the risks') these then come from three dot "
-                                "products per tensor over the training backward split into its two parts, nearly "
-                                "free; other objectives, or --direction update, still take per-instance values and "
-                                "write only their group means")
+                                "products per tensor over the training backward split into its two parts, without "
+                                "per-instance products; other objectives, or --direction update, still take "
+                                "per-instance values and write only their group means")
     pairs_every: int = opt(5, "every k steps, for each forget instance, the G-effect of its own objective term on "
                               "the forget and on the retain risk (the paper's Fig. 5b; pairs.csv), from the "
                               "captured pass (no extra backward); 0 = off", min=0)
