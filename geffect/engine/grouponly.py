@@ -113,7 +113,7 @@ def _embedding_share(model, name: str, tied: Capture, segments: dict[str, slice]
     f, r = segments["forget"], segments["retain"]
     span = slice(min(f.start, r.start), max(f.stop, r.stop))
     vals = tied.inner_products(V, span, [name])
-    row = next(iter(vals.values())) if vals else torch.zeros(span.stop - span.start)
+    row = next(iter(vals.values())) if vals else torch.zeros(span.stop - span.start, device=mod.weight.device)
     row = row.double()
     eu = row[f.start - span.start:f.stop - span.start].sum().item() / (c_f * n_f)
     er = row[r.start - span.start:r.stop - span.start].sum().item() / (c_r * n_r)
