@@ -8,7 +8,8 @@ else rebuilds a step. One call:
    backward; the engine takes the risk's cotangents from that backward or from one extra backward
    to the module outputs, and keeps the training cotangents when the parts' gradients are needed;
 2. from those, without a second backward: the conflict statistics of the two parts and PCGrad's
-   update in ``.grad`` (:mod:`geffect.engine.parts`), and the Fig. 5b pairs
+   update in ``.grad`` (:mod:`geffect.engine.parts`; streamed, Linear layers take them from the
+   G-effects' per-row products and Gram sums, :mod:`geffect.engine.gram`), and the Fig. 5b pairs
    (:mod:`geffect.engine.pairs`);
 3. the engine's records along ∇L (direction ``grad``), before clipping and before the optimizer
    allocates its state, so the captured tensors are freed first;
@@ -32,7 +33,8 @@ from geffect.config import ProfileConfig
 from geffect.data.sampling import MicroBatch
 from geffect.distributed import SINGLE, World
 from geffect.engine.capture import Capture
-from geffect.engine.engine import Captured, Effects, Engine, Pairs, training_backward
+from geffect.engine.engine import Captured, Effects, Engine, Pairs, span_of, training_backward
+from geffect.engine.gram import streamed_part_scalars
 from geffect.engine.grouponly import group_effects, split_factors, tied_embeddings
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
@@ -282,11 +284,11 @@ class Step:
                                                     parts.instance_weights()), self.world)
                     pairs.append(acc)
 
-                def on_modules(names, cap=cap, acc=acc):
+                def on_modules(names, products, cap=cap, acc=acc):
                     if scalars is not None:
                         with ph("conflicts"):
-                            scalars.update(part_scalars(self.model, {k: engine.assignment[k] for k in names},
-                                                        [Captured(cap, batch.segments, [], [])]))
+                            scalars.update(streamed_part_scalars(self.model, names, cap, batch.segments, products,
+                                                                 span_of(batch.segments)))
                     if acc is not None:
                         with ph("pairs"):
                             acc.add(names)

@@ -3,36 +3,14 @@ the per-instance engine's group means (itself tested against autograd), autograd
 the totals, and the split path's statistics; tied and untied embeddings."""
 import pytest
 import torch
-from helpers import method_of, micro_batch, setup, tiny_data
+from helpers import method_of, micro_batch, models, setup, tied_llama, tiny_data
 
 from geffect.config import ProfileConfig
 from geffect.engine import Due, Engine
 from geffect.engine.parts import TwoPassDots
 from geffect.forward import forward
-from geffect.models import byte_tokenizer, tiny_model
 from geffect.objectives import functional as fn
 from geffect.step import Step
-
-
-def tied_llama():
-    """A tiny Llama with tied embeddings (SmolLM2's layout)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    tok = byte_tokenizer(None)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model, tok
-
-
-def models():
-    for kind in ("tiny-llama", "tiny-gpt2"):
-        lm = tiny_model(kind, seed=0)
-        yield kind, lm.model, lm.tokenizer
-    yield ("tied-llama", *tied_llama())
 
 
 def autograd_totals(model, method, batch, ctx):

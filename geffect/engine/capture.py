@@ -173,11 +173,12 @@ class Capture:
         self.row_scale = torch.zeros(n_rows, dtype=wide, device=scale.device)
         self.row_scale[rows] = scale.to(wide)
 
-    def inner_products(self, V: dict[int, torch.Tensor], rows: slice,
-                       names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def inner_products(self, V: dict[int, torch.Tensor], rows: slice, names: list[str] | None = None,
+                       per_module: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per-row ⟨∇ℓ_i restricted to each group's modules, V⟩ for the global rows ``rows``
         (of the modules ``names``, default all still held, plus what was streamed).
-        -> {group: (n_rows,)}, unscaled by ``row_scale`` when ``names`` is given.
+        -> {group: (n_rows,)}, unscaled by ``row_scale`` when ``names`` is given. ``per_module``
+        also receives each module's own (n_rows,) products (unscaled), keyed by module name.
 
         ``V`` maps id(parameter) to the direction (∇L or the update) for that parameter.
         """
@@ -189,14 +190,14 @@ class Capture:
             local = {pn: full(V[id(p)]) for pn, p in mod._parameters.items()
                      if p is not None and p.requires_grad and id(p) in V}
             for rec in self.seen.get(name, []):
-                self._module_products(name, mod, rec, local, rows, n, out)
+                self._module_products(name, mod, rec, local, rows, n, out, per_module)
         if names is None and self.row_scale is not None:
             scale = self.row_scale[rows].float()
             out = {g: v * scale for g, v in out.items()}
         return out
 
     def _module_products(self, name: str, mod, rec: _Seen, local: dict, rows: slice, n: int,
-                         out: dict[str, torch.Tensor]) -> None:
+                         out: dict[str, torch.Tensor], per_module: dict | None = None) -> None:
         """Add one captured chunk's per-row products of module ``name`` along ``local`` into ``out``."""
         grad = rec.grad
         if not local or grad is None:
@@ -214,9 +215,11 @@ class Capture:
                        for x in rec.inputs)
         with torch.no_grad():
             vals = rule_for(mod)(mod, inputs, grad[sel].detach(), local).float()     # (n_sel,)
-        g = self.assignment[name]
-        acc = out.setdefault(g, torch.zeros(n, device=vals.device))
-        if dest is None:
-            acc += vals
-        else:
-            acc.index_add_(0, dest, vals)
+        accs = [out.setdefault(self.assignment[name], torch.zeros(n, device=vals.device))]
+        if per_module is not None:
+            accs.append(per_module.setdefault(name, torch.zeros(n, device=vals.device)))
+        for acc in accs:
+            if dest is None:
+                acc += vals
+            else:
+                acc.index_add_(0, dest, vals)

@@ -105,6 +105,12 @@ class Pairs:
     weights: torch.Tensor | None = None
 
 
+def span_of(segments: dict[str, slice]) -> slice:
+    """The rows from the first to the last forget or retain row (the per-row products' rows)."""
+    f, r = segments["forget"], segments["retain"]
+    return slice(min(f.start, r.start), max(f.stop, r.stop))
+
+
 def risk_rows(fo) -> tuple[torch.Tensor, slice, slice]:
     """Per-row risks ℓ_i for the forget and retain rows and their sum R (cotangent 1 per row)."""
     f, r = fo.segments["forget"], fo.segments["retain"]
@@ -155,7 +161,7 @@ class Engine:
         Returns {"forget": (n_f, G) tensor, "retain": (n_r, G) tensor} in ``self.groups`` order.
         """
         f, r = segments["forget"], segments["retain"]
-        span = slice(min(f.start, r.start), max(f.stop, r.stop))    # one pass over both splits' rows
+        span = span_of(segments)                                    # one pass over both splits' rows
         vals = cap.inner_products(V, span)
         n, dev = span.stop - span.start, self.device
         table = torch.stack([vals[g] if g in vals else torch.zeros(n, device=dev) for g in self.groups], dim=1)  # (n, G)
@@ -197,8 +203,10 @@ class Engine:
         ``backprop`` runs the training backward (default ``loss.backward()``).
         ``stream``: the G-effects will be taken along the gradient this backward leaves in ``.grad``
         (direction ``grad``, one micro-batch, no PCGrad): each module's inner products are then
-        taken the moment its gradient is complete, ``on_modules(names)`` is called for anything else
-        to take from them, and their captured tensors are freed during the backward.
+        taken the moment its gradient is complete, ``on_modules(names, products)`` is called for anything
+        else to take from them (``products``: each module's per-row products along its ``.grad``, not
+        yet divided by the reuse path's c_i, over the forget and retain rows), and their captured
+        tensors are freed during the backward.
         ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
         """
         backprop = backprop or loss.backward
@@ -233,17 +241,17 @@ class Engine:
 
     def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None) -> None:
         """Stream: per-row inner products of each module against its completed ``.grad``."""
-        f, r = segments["forget"], segments["retain"]
-        span = slice(min(f.start, r.start), max(f.stop, r.stop))
+        span = span_of(segments)
 
         def ready(names: list[str]) -> None:
             V = {id(p): p.grad for n in names for p in cap.modules[n]._parameters.values()
                  if p is not None and p.grad is not None}
+            products: dict[str, torch.Tensor] = {}
             with torch.no_grad(), phases("effects") if phases is not None else nullcontext():
-                for g, v in cap.inner_products(V, span, names).items():
+                for g, v in cap.inner_products(V, span, names, products).items():
                     cap.streamed[g] = cap.streamed[g] + v if g in cap.streamed else v
             if on_modules is not None:
-                on_modules(names)
+                on_modules(names, products)
             cap.release_modules(names)
         cap.arm_stream(ready)
 

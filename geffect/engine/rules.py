@@ -44,6 +44,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 _DENSE: weakref.WeakSet = weakref.WeakSet()
 
 
+def known_dense(mod: torch.nn.Module) -> bool:
+    """Whether a module's cotangents were found live on most positions (every position is kept)."""
+    return mod in _DENSE
+
+
 @register_rule(torch.nn.Linear)
 def linear_rule(mod, inputs, g, V) -> torch.Tensor:
     a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)

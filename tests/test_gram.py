@@ -1,0 +1,132 @@
+"""The streamed conflict statistics from per-row products and Gram sums (geffect.engine.gram)
+against their slow twin, the forget part's gradient formed module by module (parts.part_scalars,
+itself tested against autograd's split path in test_parts.py)."""
+import pytest
+import torch
+from helpers import method_of, micro_batch, models, setup, tiny_data
+
+import geffect.step
+from geffect.engine import Due, Engine, gram
+from geffect.engine.engine import Captured
+from geffect.engine.parts import part_scalars
+from geffect.step import Step
+
+SPECS = ["gd", "npo+gd", "idkdpo+gd"]     # forget rows alone, and idk rows on the forget side
+
+
+def perturb(model, ref):
+    """θ_o ≠ θ (NPO's weights away from their trivial point)."""
+    if ref is not None:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for q in ref.model.parameters():
+                q.add_(0.05 * torch.randn(q.shape, generator=gen))
+
+
+def streamed_calls(monkeypatch, model, tok, spec):
+    """Run one profiled step; for every streamed call, (names, fast statistics, exact statistics,
+    the modules the fast path handed to the exact one)."""
+    method = method_of(spec)
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    calls = []
+
+    def twin(model, names, cap, segments, products, span):
+        handed = []
+
+        def exact(model, assignment, captured, world=None):
+            handed.extend(assignment)
+            return part_scalars(model, assignment, captured, world)
+        monkeypatch.setattr(gram, "part_scalars", exact)
+        fast = gram.streamed_part_scalars(model, names, cap, segments, products, span)
+        monkeypatch.setattr(gram, "part_scalars", part_scalars)
+        slow = part_scalars(model, {n: cap.assignment[n] for n in names}, [Captured(cap, segments, [], [])])
+        calls.append((names, fast, slow, handed))
+        return fast
+    monkeypatch.setattr(geffect.step, "streamed_part_scalars", twin)
+    mb = micro_batch(tok, method, tiny_data())
+    res = Step(model, method, ref, ctx, Engine(model))([mb], Due(effects=True, conflicts=True))
+    assert res.path == "reuse"
+    return calls
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
+def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind, spec):
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    calls = streamed_calls(monkeypatch, model, tok, spec)
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fast_names = set()
+    for names, fast, slow, handed in calls:
+        assert fast.keys() == slow.keys()
+        for pid in slow:
+            (dfr, ff, rr), (dfr0, ff0, rr0) = fast[pid], slow[pid]
+            assert ff == pytest.approx(ff0, rel=1e-4, abs=1e-10) and rr == pytest.approx(rr0, rel=1e-4, abs=1e-10)
+            assert dfr == pytest.approx(dfr0, abs=1e-4 * (ff0 * rr0) ** 0.5 + 1e-10)
+        fast_names |= set(names) - set(handed)
+    # every Linear layer (GPT-2's blocks are Conv1D: only its tied output projection) took the fast path
+    assert fast_names and fast_names <= linear | {n for n, m in model.named_modules()
+                                                  if isinstance(m, torch.nn.Embedding)}
+    assert linear <= fast_names
+
+
+def _captured_step(model, tok, spec):
+    """A streamed step whose capture is kept at the moment the output projection completes."""
+    method = method_of(spec)
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    kept = {}
+
+    def keep(model, names, cap, segments, products, span):
+        if "lm_head" in names:
+            kept.update(names=list(names), cap=cap, segments=segments, products=dict(products), span=span,
+                        slow=part_scalars(model, {n: cap.assignment[n] for n in names},
+                                          [Captured(cap, segments, [], [])]),
+                        seen={n: list(cap.seen[n]) for n in names})
+        return part_scalars(model, {n: cap.assignment[n] for n in names}, [Captured(cap, segments, [], [])])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(geffect.step, "streamed_part_scalars", keep)
+    try:
+        Step(model, method, ref, ctx, Engine(model))([micro_batch(tok, method, tiny_data())],
+                                                     Due(effects=True, conflicts=True))
+    finally:
+        mp.undo()
+    kept["cap"].seen.update(kept["seen"])       # (released after the call; restored to compute again)
+    return kept
+
+
+@pytest.mark.parametrize("formed", ["forget", "retain"])
+def test_either_part_formed_gives_the_statistics_unless_the_difference_cancels(formed):
+    """Forming the forget part and differencing for the retain part's norm cancels on NPO+GD (the
+    retain gradient is a few percent of the forget one): refused there, accepted for GD's comparable
+    parts; forming the retain part is accepted for both and exact."""
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
+    for spec, cancels in (("gd", False), ("npo+gd", formed == "forget")):
+        k = _captured_step(model, tok, spec)
+        segs, span, prod = k["segments"], k["span"], k["products"]
+        rows = {formed: segs[formed]}
+        dots = {formed: prod["lm_head"][rows[formed].start - span.start:rows[formed].stop - span.start].double().sum()}
+        got = gram._unit_scalars(k["cap"], ("lm_head",), rows, dots, model.lm_head.weight.grad)
+        if cancels:
+            assert got is None
+            continue
+        want = k["slow"][id(model.lm_head.weight)]
+        assert got == pytest.approx(want, rel=1e-4), (spec, formed)
+
+
+def test_gram_and_formed_norms_agree_and_cancelling_gram_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    for K in (3, 8, 400):                   # Gram for few positions, formed for many
+        d, a = torch.randn(K, 24, generator=gen), torch.randn(K, 16, generator=gen)
+        want = ((d.double().T @ a.double()) ** 2).sum()
+        assert gram._outer_sum_sq(d, a) == pytest.approx(want.item(), rel=1e-5)
+    # two positions that almost cancel: the Gram sum is rounding noise of its terms, so g is formed
+    a = torch.randn(1, 64, generator=gen, dtype=torch.float64).repeat(2, 1)
+    d = torch.randn(1, 64, generator=gen, dtype=torch.float64)
+    d = torch.cat([d, -d * (1 - 1e-6)])
+    P = (d @ d.T) * (a @ a.T)
+    assert P.double().sum() < gram.CANCEL_GRAM * P.abs().double().sum()
+    want = ((d.sum(0, keepdim=True).T @ a[:1]) ** 2).sum()       # (d₁ + d₂) aᵀ, summed first
+    got = gram._outer_sum_sq(d, a)
+    assert got == pytest.approx(want.item(), rel=1e-6)
+    assert got == gram._sq(d.T @ a)          # the formed product's norm, not the Gram sum
