@@ -50,9 +50,13 @@ def streamed_calls(monkeypatch, model, tok, spec):
     return calls
 
 
+@pytest.mark.parametrize("gram_form", [False, True])
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
-def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind, spec):
+def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind, spec, gram_form):
+    """Every streamed call's statistics against the formed forget gradient's; ‖g_X‖² in Gram form
+    or formed (the tiny models' few features make forming the cheaper one by default)."""
+    monkeypatch.setattr(gram, "FORCE", gram_form)
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     calls = streamed_calls(monkeypatch, model, tok, spec)
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -114,10 +114,14 @@ def _one_instance_batch(tok, method, data, i, extra):
     return collate(tok, segs, 96)
 
 
+@pytest.mark.parametrize("gram_form", [False, True])
 @pytest.mark.parametrize("spec", ["idkdpo+gd", "po+gd", "llmu", "npo+kl"])
-def test_pairs_include_the_instances_idk_and_mismatch_rows(tiny, spec):
+def test_pairs_include_the_instances_idk_and_mismatch_rows(tiny, spec, gram_form, monkeypatch):
     """Fig. 5b pairs of objectives whose instance term spans several rows (IdkDPO, PO: the idk row;
-    LLMU: the mismatch row) against one instance's term alone, by autograd."""
+    LLMU: the mismatch row) against one instance's term alone, by autograd (the Linear layers'
+    risk gradients formed, or in Gram form)."""
+    from geffect.engine import gram
+    monkeypatch.setattr(gram, "FORCE", gram_form)
     from geffect.data.sampling import extra_segments
     from geffect.engine.parts import forget_side  # noqa: F401  (the rows the pairs read)
     from geffect.objectives import functional as fn

@@ -40,6 +40,12 @@ from geffect.engine.rules import known_dense
 CANCEL_SQ = 1e-2          # ‖Y‖² by differencing: at least this share of |terms|, else g_f is formed
 CANCEL_GRAM = 1e-3         # Gram-form ‖g_f‖²: at least this share of Σ|terms|, else form g_f
 _FAST_DTYPES = (torch.float32, torch.float64)
+FORCE: bool | None = None  # tests: the Gram form always (True) or never (False); None: where cheaper
+
+
+def use_gram(gram_cost: int, formed_cost: int) -> bool:
+    """Whether to take a sum in Gram form (its multiply-adds against forming the gradient's)."""
+    return FORCE if FORCE is not None else gram_cost < formed_cost
 
 
 def streamed_part_scalars(model: torch.nn.Module, names: list[str], cap: Capture, segments: dict[str, slice],
@@ -146,7 +152,7 @@ def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.T
 def _outer_sum_sq(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
     """‖Σ_t d_t a_tᵀ‖² in float64: the Gram form where it is cheaper, else the formed product."""
     K, d_out, d_in = d.shape[0], d.shape[1], a.shape[1]
-    if K * (d_in + d_out) < d_in * d_out:
+    if use_gram(K * K * (d_in + d_out), K * d_in * d_out):
         P = (d @ d.T) * (a @ a.T)                                      # (K, K) (δ_t·δ_s)(a_t·a_s)
         s = P.double().sum()
         if s >= CANCEL_GRAM * P.abs().double().sum():

@@ -11,15 +11,25 @@ the mean over instances is the forget part's G-effect. Per module m:
 - ⟨∇_m L(s_i), V⟩ for V = those two, per row, from the training cotangents of the forget-side rows
   (which are the forget part's, since the retain part reads only the retain rows) with the same
   inner-product rules as the G-effects (:mod:`rules`).
+
+A bias-free Linear layer that owns its weight alone skips forming ∇_m R where the Gram form is
+cheaper: with forget-side positions s (inputs a_s, training cotangents δ_s) and the risk's
+positions t (a_t, risk cotangents g_t),
+
+    ⟨∇_m L(s_i), ∇_m R⟩ = (1/n) Σ_{s∈i} Σ_t (δ_s·g_t)(a_s·a_t),
+
+K_s·K_t·(d_in + d_out) multiply-adds instead of (K_s + K_t)·d_in·d_out (one process only: across
+processes ∇_m R is the global batch's).
 """
 from __future__ import annotations
 
 import torch
 
+from geffect.engine import gram
 from geffect.engine.engine import Captured, Pairs
 from geffect.engine.gradients import grad_rule_for
 from geffect.engine.parts import forget_side
-from geffect.engine.rules import rule_for
+from geffect.engine.rules import known_dense, rule_for
 
 
 def _select(rec, rows: list[int]):
@@ -111,12 +121,13 @@ class PairsAccumulator:
                     inst = torch.tensor([self.owner[i] for i in glob], device=self.device)
                     side[(name, j)] = (inputs, rec.train[idx].detach(), inst)
         for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
+            formed = [name for name in names if not self._gram(name, risk, rows, n)]
             shared: dict[int, torch.Tensor] = {}      # V per tensor: a tied tensor's uses summed
-            for name in names:
+            for name in formed:
                 for k, g in self._risk_grad(name, rows, n).items():
                     pid = id(self.modules[name]._parameters[k])
                     shared[pid] = g if pid not in shared else shared[pid].add_(g)
-            for name in names:
+            for name in formed:
                 mod = self.modules[name]
                 gi = self.groups.index(self.assignment[name])
                 V = {k: shared[id(mod._parameters[k])].to(mod._parameters[k].dtype)
@@ -126,6 +137,37 @@ class PairsAccumulator:
                         vals = rule_for(mod)(mod, inputs, cot, V)            # (rows,) per-row ⟨∇L_row, V⟩
                         self.out[risk][:, gi].index_add_(0, inst, vals.to(self.device))
             del shared
+
+    def _gram(self, name: str, risk: str, rows: list[int], n: int) -> bool:
+        """This module's pairs for one risk in Gram form (see the module docstring), if it applies and
+        is cheaper than forming ∇_m R; False: form it."""
+        mod, cap = self.modules[name], self.c.cap
+        recs = cap.seen.get(name, [])
+        if (self.world is not None and self.world.active) or not isinstance(mod, torch.nn.Linear) \
+                or self.params[name] != ("weight",) or cap._owners.get(id(mod.weight)) != [name] or len(recs) != 1:
+            return False
+        rec = recs[0]
+        if rec.rows is not None or rec.train is None or rec.grad is None or not rows:
+            return False
+        dev = rec.grad.device
+        side = torch.tensor(self.side, device=dev)
+        a_s, d_s = rec.inputs[0][side], rec.train[side]                  # (N_s, T, in), (N_s, T, out)
+        inst = torch.tensor([self.owner[i] for i in self.side], device=dev).repeat_interleave(a_s.shape[1])
+        rr = torch.tensor(rows, device=dev)
+        a_t, g_t = rec.inputs[0][rr], rec.grad[rr]                       # (N_t, T, in), (N_t, T, out)
+        if cap.row_scale is not None:                                    # training -> risk cotangents
+            g_t = g_t * cap.row_scale[rr].to(g_t.dtype).reshape(-1, 1, 1)
+        a_s, d_s, a_t, g_t = (x.reshape(-1, x.shape[-1]) for x in (a_s, d_s, a_t, g_t))
+        if not known_dense(mod):                                         # positions with a cotangent
+            keep_s, keep_t = d_s.abs().amax(-1) > 0, g_t.abs().amax(-1) > 0
+            a_s, d_s, inst, a_t, g_t = a_s[keep_s], d_s[keep_s], inst[keep_s], a_t[keep_t], g_t[keep_t]
+        K_s, K_t, d_in, d_out = a_s.shape[0], a_t.shape[0], a_s.shape[1], d_s.shape[1]
+        if not gram.use_gram(K_s * K_t * (d_in + d_out), (K_s + K_t) * d_in * d_out):
+            return False
+        P = (d_s @ g_t.T).float() * (a_s @ a_t.T).float()                # (K_s, K_t) (δ_s·g_t)(a_s·a_t)
+        gi = self.groups.index(self.assignment[name])
+        self.out[risk][:, gi].index_add_(0, inst, P.sum(1).div_(n).to(self.device))
+        return True
 
     def result(self) -> Pairs:
         c = self.c
