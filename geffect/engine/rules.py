@@ -49,6 +49,18 @@ def known_dense(mod: torch.nn.Module) -> bool:
     return mod in _DENSE
 
 
+def _bilinear(a: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Σ_t g_tᵀ W a_t per row: a (R, T, in), g (R, T, out), W (out, in) -> (R,) float32. The matmul
+    maps into the narrower of the two spaces, where one fused multiply-sum finishes (no elementwise
+    temporary of the wider side)."""
+    if W.shape[0] > W.shape[1]:
+        x, y = g @ W, a                                      # (R, T, in): Σ (Wᵀg_t)·a_t
+    else:
+        x, y = a @ W.T, g                                    # (R, T, out): Σ (W a_t)·g_t
+    R = x.shape[0]
+    return torch.linalg.vecdot(x.reshape(R, -1).float(), y.reshape(R, -1).float())
+
+
 @register_rule(torch.nn.Linear)
 def linear_rule(mod, inputs, g, V) -> torch.Tensor:
     a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)
@@ -62,10 +74,10 @@ def linear_rule(mod, inputs, g, V) -> torch.Tensor:
             # Position-local cotangents (the lm head and the last block see only the answer
             # tokens' loss): the inner product over the live positions only.
             n_idx, t_idx = live.nonzero(as_tuple=True)
-            prod = ((a[n_idx, t_idx] @ V["weight"].T).float() * g[n_idx, t_idx].float()).sum(-1)   # (K,)
+            prod = _bilinear(a[n_idx, t_idx, None], g[n_idx, t_idx, None], V["weight"])   # (K,)
             out = out.index_add(0, n_idx, prod)
         else:
-            out = out + ((a @ V["weight"].T).float() * g.float()).sum((1, 2))   # Σ_t g_tᵀ V a_t
+            out = out + _bilinear(a, g, V["weight"])                                   # Σ_t g_tᵀ V a_t
     if "bias" in V:
         out = out + g.float().sum(1) @ V["bias"].float()
     return out
