@@ -18,8 +18,8 @@ positions t (a_t, risk cotangents g_t),
 
     ⟨∇_m L(s_i), ∇_m R⟩ = (1/n) Σ_{s∈i} Σ_t (δ_s·g_t)(a_s·a_t),
 
-K_s·K_t·(d_in + d_out) multiply-adds instead of (K_s + K_t)·d_in·d_out (one process only: across
-processes ∇_m R is the global batch's).
+both risks from one (K_s, K_u + K_r) product: K_s·(K_u + K_r)·(d_in + d_out) multiply-adds instead
+of (2K_s + K_u + K_r)·d_in·d_out (one process only: across processes ∇_m R is the global batch's).
 """
 from __future__ import annotations
 
@@ -51,6 +51,17 @@ def _inputs(rec, local, n_chunk):
         idx = torch.tensor(local, device=ref.device)
     return idx, tuple(x[idx] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n_chunk else x
                       for x in rec.inputs)
+
+
+def _rows_index(rows: list[int], device) -> slice | torch.Tensor:
+    """Rows as a slice (a view, no copy) when contiguous, else an index tensor."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
+def _flat2(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])                                    # (rows·T, d)
 
 
 def _risk_gradient(mod, names, recs, rows: list[int], cap) -> dict[str, torch.Tensor]:
@@ -120,8 +131,9 @@ class PairsAccumulator:
                     idx, inputs = _inputs(rec, local, rec.train.shape[0])
                     inst = torch.tensor([self.owner[i] for i in glob], device=self.device)
                     side[(name, j)] = (inputs, rec.train[idx].detach(), inst)
+        in_gram_form = {name for name in names if self._gram(name)}
+        formed = [name for name in names if name not in in_gram_form]
         for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
-            formed = [name for name in names if not self._gram(name, risk, rows, n)]
             shared: dict[int, torch.Tensor] = {}      # V per tensor: a tied tensor's uses summed
             for name in formed:
                 for k, g in self._risk_grad(name, rows, n).items():
@@ -138,35 +150,44 @@ class PairsAccumulator:
                         self.out[risk][:, gi].index_add_(0, inst, vals.to(self.device))
             del shared
 
-    def _gram(self, name: str, risk: str, rows: list[int], n: int) -> bool:
-        """This module's pairs for one risk in Gram form (see the module docstring), if it applies and
-        is cheaper than forming ∇_m R; False: form it."""
+    def _gram(self, name: str) -> bool:
+        """This module's pairs for both risks in Gram form (see the module docstring), if it applies
+        and is cheaper than forming ∇_m R_u and ∇_m R_r; False: form them."""
         mod, cap = self.modules[name], self.c.cap
         recs = cap.seen.get(name, [])
         if (self.world is not None and self.world.active) or not isinstance(mod, torch.nn.Linear) \
                 or self.params[name] != ("weight",) or cap._owners.get(id(mod.weight)) != [name] or len(recs) != 1:
             return False
         rec = recs[0]
-        if rec.rows is not None or rec.train is None or rec.grad is None or not rows:
+        if rec.rows is not None or rec.train is None or rec.grad is None or not self.f_rows or not self.r_rows:
             return False
-        dev = rec.grad.device
-        side = torch.tensor(self.side, device=dev)
-        a_s, d_s = rec.inputs[0][side], rec.train[side]                  # (N_s, T, in), (N_s, T, out)
-        inst = torch.tensor([self.owner[i] for i in self.side], device=dev).repeat_interleave(a_s.shape[1])
-        rr = torch.tensor(rows, device=dev)
-        a_t, g_t = rec.inputs[0][rr], rec.grad[rr]                       # (N_t, T, in), (N_t, T, out)
-        if cap.row_scale is not None:                                    # training -> risk cotangents
-            g_t = g_t * cap.row_scale[rr].to(g_t.dtype).reshape(-1, 1, 1)
-        a_s, d_s, a_t, g_t = (x.reshape(-1, x.shape[-1]) for x in (a_s, d_s, a_t, g_t))
+        dev, A = rec.grad.device, rec.inputs[0]
+        side = _rows_index(self.side, dev)
+        a_s, d_s = _flat2(A[side]), _flat2(rec.train[side])              # (K_s, in), (K_s, out)
+        inst = torch.tensor([self.owner[i] for i in self.side], device=dev).repeat_interleave(A.shape[1])
+        a_t, g_t = [], []                                                # the forget rows, then the retain rows
+        for rows in (self.f_rows, self.r_rows):
+            idx = _rows_index(rows, dev)
+            g = rec.grad[idx]
+            if cap.row_scale is not None:                                # training -> risk cotangents
+                g = g * cap.row_scale[idx].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+            a_t.append(_flat2(A[idx]))
+            g_t.append(_flat2(g))
         if not known_dense(mod):                                         # positions with a cotangent
-            keep_s, keep_t = d_s.abs().amax(-1) > 0, g_t.abs().amax(-1) > 0
-            a_s, d_s, inst, a_t, g_t = a_s[keep_s], d_s[keep_s], inst[keep_s], a_t[keep_t], g_t[keep_t]
-        K_s, K_t, d_in, d_out = a_s.shape[0], a_t.shape[0], a_s.shape[1], d_s.shape[1]
-        if not gram.use_gram(K_s * K_t * (d_in + d_out), (K_s + K_t) * d_in * d_out):
+            keep = d_s.abs().amax(-1) > 0
+            a_s, d_s, inst = a_s[keep], d_s[keep], inst[keep]
+            for k in range(2):
+                keep = g_t[k].abs().amax(-1) > 0
+                a_t[k], g_t[k] = a_t[k][keep], g_t[k][keep]
+        K_s, K_u, K_r = a_s.shape[0], a_t[0].shape[0], a_t[1].shape[0]
+        d_in, d_out = a_s.shape[1], d_s.shape[1]
+        if not gram.use_gram(K_s * (K_u + K_r) * (d_in + d_out), (2 * K_s + K_u + K_r) * d_in * d_out):
             return False
-        P = (d_s @ g_t.T).float() * (a_s @ a_t.T).float()                # (K_s, K_t) (δ_s·g_t)(a_s·a_t)
+        a_t, g_t = torch.cat(a_t), torch.cat(g_t)                        # (K_u + K_r, ·)
+        P = (d_s @ g_t.T).float() * (a_s @ a_t.T).float()                # (K_s, K_u + K_r) (δ_s·g_t)(a_s·a_t)
         gi = self.groups.index(self.assignment[name])
-        self.out[risk][:, gi].index_add_(0, inst, P.sum(1).div_(n).to(self.device))
+        for risk, cols, n in (("unlearn", slice(0, K_u), self.n_f), ("retain", slice(K_u, K_u + K_r), self.n_r)):
+            self.out[risk][:, gi].index_add_(0, inst, P[:, cols].sum(1).div_(n).to(self.device))
         return True
 
     def result(self) -> Pairs:
