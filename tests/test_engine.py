@@ -271,11 +271,16 @@ def test_instance_pairs_match_one_instance_at_a_time(tiny, spec, gram_form, monk
                     assert pairs[risk][i, gi].item() == pytest.approx(want, rel=2e-3, abs=1e-6)
 
 
-def test_token_effects_match_per_token_autograd(tiny):
-    """e_{i,t} = ∇nll_{i,t}ᵀV by forward-mode AD against one backward per token."""
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_token_effects_match_per_token_autograd(tiny, full_logits, monkeypatch):
+    """e_{i,t} = ∇nll_{i,t}ᵀV by forward-mode AD against one backward per token (the output
+    projection at the answer-predicting positions only, or everywhere)."""
     from geffect.data.batching import qa
+    from geffect.engine import tokens
     from geffect.engine.tokens import token_effects
+    monkeypatch.setattr(tokens, "FULL_LOGITS_ONLY", full_logits)
     model, tok = tiny.model, tiny.tokenizer
+    assert tokens.answer_logits_only(model) is not full_logits
     b = collate(tok, {"forget": qa(tiny_data().forget)}, 128)
     gen = torch.Generator().manual_seed(0)
     V = {id(p): torch.randn(p.shape, generator=gen) for p in model.parameters()}
