@@ -134,3 +134,33 @@ def test_gram_and_formed_norms_agree_and_cancelling_gram_is_refused():
     got = gram._outer_sum_sq(d, a)
     assert got == pytest.approx(want.item(), rel=1e-6)
     assert got == gram._sq(d.T @ a)          # the formed product's norm, not the Gram sum
+
+
+@pytest.mark.parametrize("spec", ["npo+gd", "idkdpo+gd"])
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
+def test_pairs_in_gram_form_equal_the_formed_risk_gradients_per_group(monkeypatch, kind, spec):
+    """Fig. 5b pairs, every instance and group: Linear layers and a tied output projection with its
+    embedding (each use's share to its own group) in Gram form against ∇R formed per module."""
+    import geffect.engine.pairs as pairs_mod
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    method = method_of(spec)
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    mb = micro_batch(tok, method, tiny_data())
+    taken = []
+    tied = pairs_mod.PairsAccumulator._tied_gram
+
+    def spy(self, names):
+        done = tied(self, names)
+        taken.extend(done)
+        return done
+    monkeypatch.setattr(pairs_mod.PairsAccumulator, "_tied_gram", spy)
+    got = {}
+    for gram_form in (False, True):
+        monkeypatch.setattr(gram, "FORCE", gram_form)
+        got[gram_form] = Step(model, method, ref, ctx, Engine(model))([mb], Due(effects=True, pairs=True)).pairs[0]
+    for risk in ("unlearn", "retain"):
+        want, have = getattr(got[False], risk), getattr(got[True], risk)
+        assert (have - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, risk
+    is_tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert bool(taken) == is_tied

@@ -131,7 +131,7 @@ class PairsAccumulator:
                     idx, inputs = _inputs(rec, local, rec.train.shape[0])
                     inst = torch.tensor([self.owner[i] for i in glob], device=self.device)
                     side[(name, j)] = (inputs, rec.train[idx].detach(), inst)
-        in_gram_form = {name for name in names if self._gram(name)}
+        in_gram_form = {name for name in names if self._gram(name)} | self._tied_gram(names)
         formed = [name for name in names if name not in in_gram_form]
         for risk, rows, n in (("unlearn", self.f_rows, self.n_f), ("retain", self.r_rows, self.n_r)):
             shared: dict[int, torch.Tensor] = {}      # V per tensor: a tied tensor's uses summed
@@ -189,6 +189,74 @@ class PairsAccumulator:
         for risk, cols, n in (("unlearn", slice(0, K_u), self.n_f), ("retain", slice(K_u, K_u + K_r), self.n_r)):
             self.out[risk][:, gi].index_add_(0, inst, P[:, cols].sum(1).div_(n).to(self.device))
         return True
+
+    def _positions(self, name: str, rows: list[int], train: bool):
+        """(a, cotangent, row of each position) of module ``name`` on ``rows``: the training
+        cotangents, or the risk's (the captured ones, rescaled per row on the reuse path), at the
+        positions that carry one. -> (K, in) inputs (token ids for an embedding), (K, out), (K,)"""
+        cap = self.c.cap
+        rec = cap.seen[name][0]
+        idx = _rows_index(rows, rec.grad.device)
+        g = (rec.train if train else rec.grad)[idx]
+        if not train and cap.row_scale is not None:
+            g = g * cap.row_scale[idx].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+        x = rec.inputs[0][idx]
+        row = torch.tensor(rows, device=g.device).repeat_interleave(g.shape[1])
+        x, g = (x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x.reshape(-1)), _flat2(g)
+        live = g.abs().amax(-1) > 0
+        if isinstance(self.modules[name], torch.nn.Embedding) and self.modules[name].padding_idx is not None:
+            live &= x != self.modules[name].padding_idx
+        return x[live], g[live], row[live]
+
+    def _tied_gram(self, names: list[str]) -> set[str]:
+        """An output projection tied to the input embedding, both risks in Gram form: with the
+        projection's positions (a_s, δ_s) and the embedding's (id_u, e_u) on the instance's side, and
+        the risk's (a_t, g_t) and (id_v, e_v), ∇R = (1/n)(Σ_t g_t a_tᵀ + Σ_v onehot(id_v) e_vᵀ), so
+
+            projection:  ⟨δ_s a_sᵀ, ∇R⟩       = (1/n)[Σ_t (δ_s·g_t)(a_s·a_t) + Σ_v δ_s[id_v] (a_s·e_v)],
+            embedding:   ⟨onehot(id_u) e_uᵀ, ∇R⟩ = (1/n)[Σ_t g_t[id_u] (e_u·a_t) + Σ_{v: id_v = id_u} e_u·e_v],
+
+        each module's share to its own group, as the formed path splits them. -> the modules done."""
+        cap = self.c.cap
+        if (self.world is not None and self.world.active) or not self.f_rows or not self.r_rows:
+            return set()
+        for lm in names:
+            mod = self.modules[lm]
+            owners = cap._owners.get(id(mod.weight), []) if isinstance(mod, torch.nn.Linear) else []
+            emb = next((o for o in owners if o != lm), None)
+            if len(owners) != 2 or emb not in names or not isinstance(self.modules[emb], torch.nn.Embedding) \
+                    or self.params[lm] != ("weight",) or self.params[emb] != ("weight",):
+                continue
+            recs = [r for n in (lm, emb) for r in cap.seen.get(n, [])]
+            if len(recs) != 2 or any(r.rows is not None or r.train is None or r.grad is None for r in recs):
+                continue
+            a_s, d_s, row_s = self._positions(lm, self.side, train=True)
+            id_u, e_u, row_u = self._positions(emb, self.side, train=True)
+            V, d = mod.weight.shape
+            sides = {}
+            for risk, rows in (("unlearn", self.f_rows), ("retain", self.r_rows)):
+                a_t, g_t, _ = self._positions(lm, rows, train=False)
+                id_v, e_v, _ = self._positions(emb, rows, train=False)
+                sides[risk] = (a_t, g_t, id_v, e_v)
+            K_s, K_t = a_s.shape[0], sum(x[0].shape[0] for x in sides.values())
+            if not gram.use_gram(K_s * K_t * (d + V), (2 * K_s + K_t) * d * V):
+                continue
+            owner = torch.tensor([self.owner.get(i, -1) for i in range(max(self.side) + 1)], device=row_s.device)
+            for risk, n in (("unlearn", self.n_f), ("retain", self.n_r)):
+                a_t, g_t, id_v, e_v = sides[risk]
+                uniq, inv = torch.unique(id_v, return_inverse=True)                  # E_R compact: one row per id
+                E = torch.zeros(len(uniq), d, dtype=e_v.dtype, device=e_v.device).index_add_(0, inv, e_v)
+                lm_vals = (((d_s @ g_t.T).float() * (a_s @ a_t.T).float()).sum(1)
+                           + (d_s[:, uniq].float() * (a_s @ E.T).float()).sum(1))      # (K_s,)
+                pos = torch.searchsorted(uniq, id_u).clamp_max(max(len(uniq) - 1, 0))
+                match = (uniq[pos] == id_u) if len(uniq) else torch.zeros_like(id_u, dtype=torch.bool)
+                same_id = (e_u.float() * E[pos].float()).sum(-1) * match if len(uniq) else 0.0
+                emb_vals = (g_t[:, id_u].T.float() * (e_u @ a_t.T).float()).sum(1) + same_id   # (K_u,)
+                for name, vals, rows in ((lm, lm_vals, row_s), (emb, emb_vals, row_u)):
+                    gi = self.groups.index(self.assignment[name])
+                    self.out[risk][:, gi].index_add_(0, owner[rows], vals.div(n).to(self.device))
+            return {lm, emb}
+        return set()
 
     def result(self) -> Pairs:
         c = self.c
