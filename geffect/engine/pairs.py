@@ -161,31 +161,16 @@ class PairsAccumulator:
         rec = recs[0]
         if rec.rows is not None or rec.train is None or rec.grad is None or not self.f_rows or not self.r_rows:
             return False
-        dev, A = rec.grad.device, rec.inputs[0]
-        side = _rows_index(self.side, dev)
-        a_s, d_s = _flat2(A[side]), _flat2(rec.train[side])              # (K_s, in), (K_s, out)
-        inst = torch.tensor([self.owner[i] for i in self.side], device=dev).repeat_interleave(A.shape[1])
-        a_t, g_t = [], []                                                # the forget rows, then the retain rows
-        for rows in (self.f_rows, self.r_rows):
-            idx = _rows_index(rows, dev)
-            g = rec.grad[idx]
-            if cap.row_scale is not None:                                # training -> risk cotangents
-                g = g * cap.row_scale[idx].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-            a_t.append(_flat2(A[idx]))
-            g_t.append(_flat2(g))
-        if not known_dense(mod):                                         # positions with a cotangent
-            keep = d_s.abs().amax(-1) > 0
-            a_s, d_s, inst = a_s[keep], d_s[keep], inst[keep]
-            for k in range(2):
-                keep = g_t[k].abs().amax(-1) > 0
-                a_t[k], g_t[k] = a_t[k][keep], g_t[k][keep]
-        K_s, K_u, K_r = a_s.shape[0], a_t[0].shape[0], a_t[1].shape[0]
+        a_s, d_s, row_s = self._positions(name, self.side, train=True)    # (K_s, in), (K_s, out), (K_s,)
+        a_u, g_u, _ = self._positions(name, self.f_rows, train=False)     # the forget risk's positions
+        a_r, g_r, _ = self._positions(name, self.r_rows, train=False)     # the retain risk's
+        K_s, K_u, K_r = a_s.shape[0], a_u.shape[0], a_r.shape[0]
         d_in, d_out = a_s.shape[1], d_s.shape[1]
         if not gram.use_gram(K_s * (K_u + K_r) * (d_in + d_out), (2 * K_s + K_u + K_r) * d_in * d_out):
             return False
-        a_t, g_t = torch.cat(a_t), torch.cat(g_t)                        # (K_u + K_r, ·)
+        a_t, g_t = torch.cat([a_u, a_r]), torch.cat([g_u, g_r])          # (K_u + K_r, ·)
         P = (d_s @ g_t.T).float() * (a_s @ a_t.T).float()                # (K_s, K_u + K_r) (δ_s·g_t)(a_s·a_t)
-        gi = self.groups.index(self.assignment[name])
+        gi, inst = self.groups.index(self.assignment[name]), self._instances(row_s)
         for risk, cols, n in (("unlearn", slice(0, K_u), self.n_f), ("retain", slice(K_u, K_u + K_r), self.n_r)):
             self.out[risk][:, gi].index_add_(0, inst, P[:, cols].sum(1).div_(n).to(self.device))
         return True
@@ -203,10 +188,18 @@ class PairsAccumulator:
         x = rec.inputs[0][idx]
         row = torch.tensor(rows, device=g.device).repeat_interleave(g.shape[1])
         x, g = (x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x.reshape(-1)), _flat2(g)
+        mod = self.modules[name]
+        if known_dense(mod):                  # every position carries a cotangent (rules.linear_rule)
+            return x, g, row
         live = g.abs().amax(-1) > 0
-        if isinstance(self.modules[name], torch.nn.Embedding) and self.modules[name].padding_idx is not None:
-            live &= x != self.modules[name].padding_idx
+        if isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
+            live &= x != mod.padding_idx
         return x[live], g[live], row[live]
+
+    def _instances(self, rows: torch.Tensor) -> torch.Tensor:
+        """The forget instance each of these forget-side rows belongs to."""
+        owner = torch.tensor([self.owner.get(i, -1) for i in range(max(self.side) + 1)], device=rows.device)
+        return owner[rows]
 
     def _tied_gram(self, names: list[str]) -> set[str]:
         """An output projection tied to the input embedding, both risks in Gram form: with the
@@ -241,7 +234,7 @@ class PairsAccumulator:
             K_s, K_t = a_s.shape[0], sum(x[0].shape[0] for x in sides.values())
             if not gram.use_gram(K_s * K_t * (d + V), (2 * K_s + K_t) * d * V):
                 continue
-            owner = torch.tensor([self.owner.get(i, -1) for i in range(max(self.side) + 1)], device=row_s.device)
+            inst = {lm: self._instances(row_s), emb: self._instances(row_u)}
             for risk, n in (("unlearn", self.n_f), ("retain", self.n_r)):
                 a_t, g_t, id_v, e_v = sides[risk]
                 uniq, inv = torch.unique(id_v, return_inverse=True)                  # E_R compact: one row per id
@@ -252,9 +245,9 @@ class PairsAccumulator:
                 match = (uniq[pos] == id_u) if len(uniq) else torch.zeros_like(id_u, dtype=torch.bool)
                 same_id = (e_u.float() * E[pos].float()).sum(-1) * match if len(uniq) else 0.0
                 emb_vals = (g_t[:, id_u].T.float() * (e_u @ a_t.T).float()).sum(1) + same_id   # (K_u,)
-                for name, vals, rows in ((lm, lm_vals, row_s), (emb, emb_vals, row_u)):
+                for name, vals in ((lm, lm_vals), (emb, emb_vals)):
                     gi = self.groups.index(self.assignment[name])
-                    self.out[risk][:, gi].index_add_(0, owner[rows], vals.div(n).to(self.device))
+                    self.out[risk][:, gi].index_add_(0, inst[name], vals.div(n).to(self.device))
             return {lm, emb}
         return set()
 
