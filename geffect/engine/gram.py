@@ -38,7 +38,7 @@ from geffect.engine.parts import part_scalars
 from geffect.engine.rules import known_dense
 
 CANCEL_SQ = 1e-2          # ‖Y‖² by differencing: at least this share of |terms|, else g_f is formed
-CANCEL_GRAM = 1e-3         # Gram-form ‖g_f‖²: at least this share of Σ|terms|, else form g_f
+CANCEL_GRAM = 1e-3        # Gram-form ‖g_X‖²: at least this share of Σ|terms|, else g_X is formed
 _FAST_DTYPES = (torch.float32, torch.float64)
 FORCE: bool | None = None  # tests: the Gram form always (True) or never (False); None: where cheaper
 
@@ -79,9 +79,10 @@ def streamed_part_scalars(model: torch.nn.Module, names: list[str], cap: Capture
 
 
 def _records_eligible(cap: Capture, name: str) -> bool:
+    """One forward over every row, its training cotangents captured (float32 or float64)."""
     recs = cap.seen.get(name, [])
-    return bool(recs) and all(r.rows is None and r.grad is not None and r.train is r.grad
-                              and r.grad.dtype in _FAST_DTYPES for r in recs)
+    return len(recs) == 1 and all(r.rows is None and r.grad is not None and r.train is r.grad
+                                  and r.grad.dtype in _FAST_DTYPES for r in recs)
 
 
 def _units(model, names: list[str], cap: Capture) -> list[tuple[str, ...]]:
@@ -113,8 +114,6 @@ def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], d
     x = min(dots, key=lambda part: dots[part].abs().item())
     a, d = _positions(cap, unit[0], rows[x])                         # (K, in), (K, out)
     sq_x = _outer_sum_sq(d, a)
-    if sq_x is None:
-        return None
     if len(unit) == 2:                                                # + the tied embedding's rows
         ids, E = _embedding_rows(cap, unit[1], rows[x])               # (U,), (U, in)
         cross = (d[:, ids].to(E.dtype) * (a.to(E.dtype) @ E.T)).sum()  # ⟨H_X, E_X⟩
@@ -135,12 +134,10 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
 def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``f``'s inputs and training cotangents at the positions that carry one (the output
     projection sees only the answer tokens' loss; a module the linear rule found dense keeps every
-    position). -> (K, in), (K, out), views where one record holds the rows"""
-    recs = cap.seen[name]
-    a = torch.cat([r.inputs[0][f].reshape(-1, r.inputs[0].shape[-1]) for r in recs]) if len(recs) > 1 else \
-        recs[0].inputs[0][f].reshape(-1, recs[0].inputs[0].shape[-1])
-    d = torch.cat([r.grad[f].reshape(-1, r.grad.shape[-1]) for r in recs]) if len(recs) > 1 else \
-        recs[0].grad[f].reshape(-1, recs[0].grad.shape[-1])
+    position). -> (K, in), (K, out), views where every position is kept"""
+    rec = cap.seen[name][0]
+    a = rec.inputs[0][f].reshape(-1, rec.inputs[0].shape[-1])
+    d = rec.grad[f].reshape(-1, rec.grad.shape[-1])
     if not known_dense(cap.modules[name]):
         live = d.abs().amax(-1) > 0                                    # (N_X·T,)
         if live.float().mean() < 0.6:
@@ -149,7 +146,7 @@ def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.T
     return a, d
 
 
-def _outer_sum_sq(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+def _outer_sum_sq(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖Σ_t d_t a_tᵀ‖² in float64: the Gram form where it is cheaper, else the formed product."""
     K, d_out, d_in = d.shape[0], d.shape[1], a.shape[1]
     if use_gram(K * K * (d_in + d_out), K * d_in * d_out):
@@ -163,9 +160,9 @@ def _outer_sum_sq(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
 def _embedding_rows(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """E_X compactly: the distinct token ids of rows ``f`` and Σ of their cotangents per id (the
     padding row receives none). -> (U,), (U, d)"""
-    mod = cap.modules[name]
-    ids = torch.cat([r.inputs[0][f].reshape(-1) for r in cap.seen[name]])
-    e = torch.cat([r.grad[f].reshape(-1, r.grad.shape[-1]) for r in cap.seen[name]])
+    mod, rec = cap.modules[name], cap.seen[name][0]
+    ids = rec.inputs[0][f].reshape(-1)
+    e = rec.grad[f].reshape(-1, rec.grad.shape[-1])
     if mod.padding_idx is not None:
         keep = ids != mod.padding_idx
         ids, e = ids[keep], e[keep]
