@@ -8,6 +8,7 @@ them from per-tensor dot products).
   step) of every step of every repeat; the median and the mean; the ratio profile / unlearn.
 - Peak memory: the maximum resident set size of each whole process (``os.wait4``'s rusage, what
   ``/usr/bin/time -v`` reports), model loading and evaluation included; the median over repeats.
+- With several repeats, each repeat's own ratios (min–max): the spread the shared machine adds.
 
 The memorise cache is filled first by an unmeasured one-step run. Usage::
 
@@ -80,6 +81,14 @@ def main() -> None:
         med, mean, m = statistics.median(times[v]), statistics.fmean(times[v]), statistics.median(rss[v])
         print(f"  {v:<24} {med:>9.2f} {mean:>8.2f} {med / statistics.median(times[base]):>9.2f} "
               f"{mean / statistics.fmean(times[base]):>7.2f} {m:>11.0f} {m / statistics.median(rss[base]):>6.2f}")
+    if a.repeats > 1:          # each repeat's own ratios: how much of a difference is the machine
+        print(f"\nper repeat (each variant against {base}'s run of the same repeat), min-max over {a.repeats} repeats:")
+        for v in a.variants[1:]:
+            med = [statistics.median(p["time_s"]) / statistics.median(b["time_s"]) for p, b in zip(records[v], records[base])]
+            mean = [p["time_s"].mean() / b["time_s"].mean() for p, b in zip(records[v], records[base])]
+            mem = [x / y for x, y in zip(rss[v], rss[base])]
+            print(f"  {v:<24} median x {min(med):.2f}-{max(med):.2f}, mean x {min(mean):.2f}-{max(mean):.2f}, "
+                  f"max RSS x {min(mem):.2f}-{max(mem):.2f}")
     phase_table({v: pd.concat(r) for v, r in records.items()})
 
 
