@@ -114,8 +114,10 @@ class PairsAccumulator:
         mod, recs = self.modules[name], self.c.cap.seen.get(name, [])
         total = _risk_gradient(mod, self.params[name], recs, rows, self.c.cap)
         if self.world is not None and self.world.active:     # whole tensors: the rules need all of V
-            total = {k: self.world.all_reduce_(total.get(k, torch.zeros(
-                mod._parameters[k].shape, dtype=torch.float32, device=self.device))) for k in self.params[name]}
+            for k in self.params[name]:         # a tensor this rank's rows never reached: zeros to reduce
+                if k not in total:
+                    total[k] = torch.zeros(mod._parameters[k].shape, dtype=torch.float32, device=self.device)
+            total = {k: self.world.all_reduce_(total[k]) for k in self.params[name]}
         return {k: v.div_(n) for k, v in total.items()}
 
     @torch.no_grad()

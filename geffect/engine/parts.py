@@ -89,7 +89,7 @@ def forget_gradients(model: torch.nn.Module, assignment: dict[str, str],
             p = mod._parameters[k]
             if p.grad is None:
                 continue
-            G = total.get(k, torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            G = total[k] if k in total else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if owners[id(p)] == 1:
                 yield p, G
                 continue
