@@ -294,7 +294,8 @@ class Step:
                             acc.add(names)
                 with ph("backward"):
                     res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop,
-                                               stream=stream, on_modules=on_modules, phases=ph)
+                                               stream=stream, on_modules=on_modules, phases=ph,
+                                               parts_stats=scalars is not None)
             elif cap is not None:
                 cap.stash = backprop is not None      # group-only: the tied embeddings' cotangents
                 with ph("backward"):

@@ -6,7 +6,7 @@ from twins import assert_matches_twin
 
 from geffect.config import ProfileConfig
 from geffect.data.batching import collate
-from geffect.engine import Engine
+from geffect.engine import Engine, gramrows
 from geffect.engine.groups import assign_groups
 from geffect.engine.rules import jvp_rule, rule_for
 from geffect.forward import forward
@@ -16,9 +16,13 @@ METHODS = ["ga", "gd", "npo+gd", "npo+kl", "simnpo", "wga+kl", "tnpo", "wtnpo+gd
            "rmu", "llmu"]
 
 
+@pytest.mark.parametrize("gram_rows", [None, True])
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("spec", METHODS)
-def test_per_instance_and_group_effects_match_autograd(tiny, spec, reuse):
+def test_per_instance_and_group_effects_match_autograd(tiny, spec, reuse, gram_rows, monkeypatch):
+    """Per-instance, per-group values against one-sample autograd; Linear layers in the matmul form
+    (where cheaper, the tiny models' default) and in Gram form wherever eligible (gramrows)."""
+    monkeypatch.setattr(gramrows, "FORCE", gram_rows)
     method, data, model = method_of(spec), tiny_data(), tiny.model
     ctx, ref = setup(model, method)
     mb = micro_batch(tiny.tokenizer, method, data)

@@ -4,9 +4,10 @@ itself tested against autograd's split path in test_parts.py)."""
 import pytest
 import torch
 from helpers import method_of, micro_batch, models, setup, tiny_data
+from transformers.pytorch_utils import Conv1D
 
 import geffect.step
-from geffect.engine import Due, Engine, gram
+from geffect.engine import Due, Engine, gram, gramrows
 from geffect.engine.engine import Captured
 from geffect.engine.parts import part_scalars
 from geffect.step import Step
@@ -50,13 +51,15 @@ def streamed_calls(monkeypatch, model, tok, spec):
     return calls
 
 
-@pytest.mark.parametrize("gram_form", [False, True])
+@pytest.mark.parametrize("gram_form", [False, True, "rows"])
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
 def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind, spec, gram_form):
     """Every streamed call's statistics against the formed forget gradient's; ‖g_X‖² in Gram form
-    or formed (the tiny models' few features make forming the cheaper one by default)."""
-    monkeypatch.setattr(gram, "FORCE", gram_form)
+    or formed (the tiny models' few features make forming the cheaper one by default), or every
+    eligible layer's statistics taken with its products ("rows", geffect.engine.gramrows)."""
+    monkeypatch.setattr(gram, "FORCE", gram_form if gram_form != "rows" else None)
+    monkeypatch.setattr(gramrows, "FORCE", gram_form == "rows")
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     calls = streamed_calls(monkeypatch, model, tok, spec)
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -68,7 +71,10 @@ def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind,
             assert ff == pytest.approx(ff0, rel=1e-4, abs=1e-10) and rr == pytest.approx(rr0, rel=1e-4, abs=1e-10)
             assert dfr == pytest.approx(dfr0, abs=1e-4 * (ff0 * rr0) ** 0.5 + 1e-10)
         fast_names |= set(names) - set(handed)
-    # every Linear layer (GPT-2's blocks are Conv1D: only its tied output projection) took the fast path
+    # every Linear layer (GPT-2's blocks are Conv1D, with biases: only its tied output projection,
+    # unless in Gram form with their products) took the fast path
+    if gram_form == "rows":
+        linear |= {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     assert fast_names and fast_names <= linear | {n for n, m in model.named_modules()
                                                   if isinstance(m, torch.nn.Embedding)}
     assert linear <= fast_names

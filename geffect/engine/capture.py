@@ -57,6 +57,7 @@ class Capture:
         self.recomputed = 0                          # module calls seen again in a checkpointed recompute
         self.stream_to = None                        # callback(module names) when their gradients are complete
         self.streamed: dict[str, torch.Tensor] = {}  # per-row inner products already taken, per group
+        self.part_stats: dict[int, tuple] = {}       # id(param) -> the parts' statistics taken in Gram form (gramrows)
         self._owners: dict[int, list[str]] = {}
         for name, mod in self.modules.items():
             for p in mod._parameters.values():
@@ -142,6 +143,7 @@ class Capture:
         """Drop every captured tensor (call once the step's values are computed)."""
         self.seen.clear()
         self.streamed = {}
+        self.part_stats = {}
         self.row_scale = None
 
     def _outputs(self) -> list[_Seen]:

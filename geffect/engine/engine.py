@@ -35,6 +35,7 @@ import torch
 
 from geffect.config import ProfileConfig, parse_boundaries, parse_group_map
 from geffect.engine.capture import Capture
+from geffect.engine.gramrows import GramRows
 from geffect.engine.groups import GROUPS, assign_groups, group_names
 from geffect.objectives import functional as fn
 
@@ -186,7 +187,7 @@ class Engine:
                        torch.cat(weights).cpu() if all(w is not None for w in weights) else None)
 
     def backward(self, cap: Capture, fo, loss: torch.Tensor, reuse: bool = True, backprop=None,
-                 stream: bool = False, on_modules=None, phases=None) -> str:
+                 stream: bool = False, on_modules=None, phases=None, parts_stats: bool = False) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
         ``reuse``: if the loss reads the model only through the per-token NLL and on every
@@ -206,7 +207,9 @@ class Engine:
         taken the moment its gradient is complete, ``on_modules(names, products)`` is called for anything
         else to take from them (``products``: each module's per-row products along its ``.grad``, not
         yet divided by the reuse path's c_i, over the forget and retain rows), and their captured
-        tensors are freed during the backward.
+        tensors are freed during the backward. Linear layers take their products in Gram form where
+        cheaper (:mod:`geffect.engine.gramrows`), with the parts' conflict statistics into
+        ``cap.part_stats`` when ``parts_stats``.
         ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
         """
         backprop = backprop or loss.backward
@@ -229,7 +232,7 @@ class Engine:
         if c is not None:
             cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
         if stream:
-            self._arm(cap, fo.segments, on_modules, phases)
+            self._arm(cap, fo.segments, on_modules, phases, parts_stats)
         if c is None:
             cap.risk_grads(R)
             training_backward(cap, backprop)
@@ -239,17 +242,25 @@ class Engine:
         cap.stash = False
         return path
 
-    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None) -> None:
+    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None, parts_stats: bool = False) -> None:
         """Stream: per-row inner products of each module against its completed ``.grad``."""
         span = span_of(segments)
+        gram_rows = GramRows(cap, span, segments["retain"], parts_stats)
+
+        def add(group: str, v: torch.Tensor) -> None:
+            cap.streamed[group] = cap.streamed[group] + v if group in cap.streamed else v
 
         def ready(names: list[str]) -> None:
-            V = {id(p): p.grad for n in names for p in cap.modules[n]._parameters.values()
-                 if p is not None and p.grad is not None}
             products: dict[str, torch.Tensor] = {}
             with torch.no_grad(), phases("effects") if phases is not None else nullcontext():
-                for g, v in cap.inner_products(V, span, names, products).items():
-                    cap.streamed[g] = cap.streamed[g] + v if g in cap.streamed else v
+                taken = gram_rows.take(names, products)
+                for n in taken:
+                    add(cap.assignment[n], products[n])
+                rest = [n for n in names if n not in taken]
+                V = {id(p): p.grad for n in rest for p in cap.modules[n]._parameters.values()
+                     if p is not None and p.grad is not None}
+                for g, v in cap.inner_products(V, span, rest, products).items():
+                    add(g, v)
             if on_modules is not None:
                 on_modules(names, products)
             cap.release_modules(names)

@@ -35,7 +35,7 @@ import torch
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured
 from geffect.engine.parts import part_scalars
-from geffect.engine.rules import known_dense
+from geffect.engine.rules import live_positions
 
 CANCEL_SQ = 1e-2          # ‖Y‖² by differencing: at least this share of |terms|, else g_f is formed
 CANCEL_GRAM = 1e-3        # Gram-form ‖g_X‖²: at least this share of Σ|terms|, else g_X is formed
@@ -51,17 +51,23 @@ def use_gram(gram_cost: int, formed_cost: int) -> bool:
 def streamed_part_scalars(model: torch.nn.Module, names: list[str], cap: Capture, segments: dict[str, slice],
                           products: dict[str, torch.Tensor], span: slice) -> dict[int, tuple[float, float, float]]:
     """Per tensor (⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²) of the modules ``names`` whose gradients the backward
-    has just completed: bias-free Linear layers (and a tied embedding with its output projection)
+    has just completed: those already taken with their products (``cap.part_stats``, see
+    :mod:`geffect.engine.gramrows`), bias-free Linear layers (and a tied embedding with its output projection)
     from the identities above, every other module (and any that would cancel) from g_f formed as in
     :func:`geffect.engine.parts.part_scalars`. ``products``: each module's per-row products along
     its ``.grad`` over the rows ``span`` (training cotangents, see Engine.backward)."""
     out: dict[int, tuple[float, float, float]] = {}
     rest = set(names)
+    for n in names:                      # taken with the products (gramrows)
+        ps = [p for p in cap.modules[n]._parameters.values() if p is not None and p.grad is not None]
+        if ps and all(id(p) in cap.part_stats for p in ps):
+            out |= {id(p): cap.part_stats.pop(id(p)) for p in ps}
+            rest.discard(n)
     if cap.row_scale is not None:        # reuse path: the captured cotangents are the training ones
         rows = {"retain": segments["retain"]}
         if set(segments) == {"forget", "retain"}:     # the forget part reads the forget rows alone
             rows["forget"] = segments["forget"]
-        for unit in _units(model, names, cap):
+        for unit in _units(model, [n for n in names if n in rest], cap):
             if not all(n in products and _records_eligible(cap, n) for n in unit):
                 continue
             dots = {part: sum(products[n][s.start - span.start:s.stop - span.start].double().sum() for n in unit)
@@ -136,13 +142,11 @@ def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.T
     projection sees only the answer tokens' loss; a module the linear rule found dense keeps every
     position). -> (K, in), (K, out), views where every position is kept"""
     rec = cap.seen[name][0]
-    a = rec.inputs[0][f].reshape(-1, rec.inputs[0].shape[-1])
-    d = rec.grad[f].reshape(-1, rec.grad.shape[-1])
-    if not known_dense(cap.modules[name]):
-        live = d.abs().amax(-1) > 0                                    # (N_X·T,)
-        if live.float().mean() < 0.6:
-            idx = live.nonzero().flatten()
-            a, d = a[idx], d[idx]
+    x, g = rec.inputs[0][f], rec.grad[f]                                # (N_X, T, in), (N_X, T, out)
+    a, d = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    idx = live_positions(cap.modules[name], g)
+    if idx is not None:
+        a, d = a[idx], d[idx]
     return a, d
 
 

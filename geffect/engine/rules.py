@@ -49,6 +49,19 @@ def known_dense(mod: torch.nn.Module) -> bool:
     return mod in _DENSE
 
 
+def live_positions(mod: torch.nn.Module, g: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices (K,) of the positions of g (N, T, out) that carry a cotangent, or None where
+    every position is kept: a module whose cotangents are live on most positions is dense (the
+    product over every position is exact for any cotangent) and skips this test from then on."""
+    if mod in _DENSE:
+        return None
+    live = g.reshape(-1, g.shape[-1]).abs().amax(-1) > 0       # (N·T,)
+    if live.float().mean() >= 0.6:
+        _DENSE.add(mod)
+        return None
+    return live.nonzero().flatten()
+
+
 def _bilinear(a: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Σ_t g_tᵀ W a_t per row: a (R, T, in), g (R, T, out), W (out, in) -> (R,) float32. The matmul
     maps into the narrower of the two spaces, where one fused multiply-sum finishes (no elementwise
@@ -66,16 +79,13 @@ def linear_rule(mod, inputs, g, V) -> torch.Tensor:
     a, g = _flat(inputs[0]), _flat(g)                       # (N, T, in), (N, T, out)
     out = torch.zeros(g.shape[0], dtype=torch.float32, device=g.device)
     if "weight" in V:
-        live = None if mod in _DENSE else g.abs().amax(-1) > 0       # (N, T): positions with a cotangent
-        if live is not None and live.float().mean() >= 0.6:
-            _DENSE.add(mod)
-            live = None
-        if live is not None:
+        idx = live_positions(mod, g)
+        if idx is not None:
             # Position-local cotangents (the lm head and the last block see only the answer
             # tokens' loss): the inner product over the live positions only.
-            n_idx, t_idx = live.nonzero(as_tuple=True)
-            prod = _bilinear(a[n_idx, t_idx, None], g[n_idx, t_idx, None], V["weight"])   # (K,)
-            out = out.index_add(0, n_idx, prod)
+            T = g.shape[1]
+            a_k, g_k = a.reshape(-1, a.shape[-1])[idx, None], g.reshape(-1, g.shape[-1])[idx, None]   # (K, 1, ·)
+            out = out.index_add(0, idx // T, _bilinear(a_k, g_k, V["weight"]))                     # (K,) into rows
         else:
             out = out + _bilinear(a, g, V["weight"])                                   # Σ_t g_tᵀ V a_t
     if "bias" in V:

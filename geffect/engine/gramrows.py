@@ -1,0 +1,170 @@
+"""A Linear layer's per-row G-effect products and its parts' conflict statistics in Gram form.
+
+On the engine's reuse path the captured cotangents δ_t are the training ones and one forward
+covered every row, so a Linear layer's gradient is ∇L_W = Σ_s δ_s a_sᵀ over every position s of
+the step (∇L_b = Σ_s δ_s for a bias). The per-row products of the G-effects
+(:func:`geffect.engine.rules.linear_rule`, Σ_{t∈i} δ_tᵀ ∇L_W a_t) are then sums of one K×K matrix
+over the step's K positions:
+
+    p_i = Σ_{t∈i} Σ_s M_ts,   M = (Δ Δᵀ) ∘ (A Aᵀ)       (+ Σ_{t∈i} Σ_s (Δ Δᵀ)_ts for the bias)
+
+for K²(d_in + d_out) multiply-adds against K·d_in·d_out for the matmul form, and A Aᵀ is shared
+by the layers that read one input (q/k/v, gate/up). The same M gives the conflict statistics of
+the two parts (:mod:`geffect.engine.parts`: forget = every row outside the retain segment) with
+no part's gradient formed: ‖g_f‖² = 1_fᵀ M 1_f, ⟨g_f, g_r⟩ = 1_fᵀ M 1_r, ‖g_r‖² = 1_rᵀ M 1_r.
+
+Each layer checks the identity it rests on: 1ᵀ M 1 must equal ‖.grad‖² (to TOL). A layer whose
+gradient holds anything else (its weight used outside the module, a hook writing to ``.grad``)
+or whose Gram sums cancel fails it and takes the matmul form; statistics whose block sums cancel
+(below CANCEL of their terms' magnitudes) are left to the formed path of :mod:`geffect.engine.gram`.
+Taken where the flop count says it is cheaper (short batches; the output projection's few answer
+positions), float32/64 only.
+"""
+from __future__ import annotations
+
+import torch
+
+from geffect.engine.capture import Capture
+from geffect.engine.rules import _CONV1D, live_positions
+
+TOL = 1e-3                # |1ᵀM1 − ‖.grad‖²| at most this share of ‖.grad‖², else the matmul form
+CANCEL = 1e-3             # a part's block sum at least this share of Σ|M| over the block, else formed
+FORCE: bool | None = None  # tests: the Gram form wherever eligible (True) or never (False); None: where cheaper
+_FAST_DTYPES = (torch.float32, torch.float64)
+_LINEAR = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
+
+
+class GramRows:
+    """The Gram-form products of one streamed backward: :meth:`take` the layers that just completed.
+
+    ``span`` is the rows of the per-row products (M covers every row of the step's one forward), ``retain``
+    the retain segment, ``stats``: the conflict statistics are due (their cost in the matmul form
+    counts in the choice, and the capture's ``part_stats`` receives them per tensor)."""
+
+    def __init__(self, cap: Capture, span: slice, retain: slice, stats: bool):
+        self.cap, self.span, self.retain, self.want_stats = cap, span, retain, stats
+        self._users: dict[int, int] = {}          # id(input) -> layers still to take
+        self._outs: dict[int, list[int]] = {}     # id(input) -> output widths of the Linear layers reading it
+        for name, recs in cap.seen.items():
+            if len(recs) == 1 and recs[0].inputs and torch.is_tensor(recs[0].inputs[0]):
+                k = id(recs[0].inputs[0])
+                self._users[k] = self._users.get(k, 0) + 1
+                if isinstance(cap.modules[name], _LINEAR):
+                    self._outs.setdefault(k, []).append(_out_features(cap.modules[name]))
+        self._choice: dict[int, bool] = {}        # id(input) -> Gram form for its layers (decided once, jointly)
+        self._gram_a: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(input) -> (input, A Aᵀ (K, K))
+        self.input_grams = 0                                               # A Aᵀ computed (shared ones once)
+
+    def take(self, names: list[str], products: dict[str, torch.Tensor]) -> list[str]:
+        """Per-row products (n_rows,) of the eligible layers among ``names`` into ``products``
+        (unscaled, as :meth:`Capture.inner_products` gives them); returns the layers taken."""
+        done = []
+        for n in names:
+            recs = self.cap.seen.get(n, [])
+            x = recs[0].inputs[0] if len(recs) == 1 and recs[0].inputs else None
+            try:
+                if self._eligible(n) and self._take(n, products):
+                    done.append(n)
+            finally:
+                if torch.is_tensor(x) and id(x) in self._users:
+                    self._users[id(x)] -= 1
+                    if self._users[id(x)] <= 0:
+                        self._users.pop(id(x))
+                        self._gram_a.pop(id(x), None)
+                        self._choice.pop(id(x), None)
+        return done
+
+    def _eligible(self, name: str) -> bool:
+        """A Linear (or GPT-2 Conv1D) owning its parameters alone, one forward over every row, the
+        training cotangents captured (the reuse path), float32/64."""
+        cap, mod = self.cap, self.cap.modules[name]
+        if not isinstance(mod, _LINEAR) or cap.row_scale is None:
+            return False
+        params = [p for p in mod._parameters.values() if p is not None and p.requires_grad]
+        if not any(p is mod.weight for p in params) or any(p.grad is None or cap._owners.get(id(p)) != [name]
+                                                         or p.dtype not in _FAST_DTYPES for p in params):
+            return False
+        recs = cap.seen.get(name, [])
+        if len(recs) != 1:
+            return False
+        rec = recs[0]
+        return (rec.rows is None and rec.grad is not None and rec.grad.dtype in _FAST_DTYPES
+                and torch.is_tensor(rec.inputs[0]) and self.span.stop <= rec.grad.shape[0])
+
+    def _matmul_cost(self, K: int, N: int, d_in: int, d_out: int) -> float:
+        """Multiply-adds of the matmul form: the per-row products, plus the retain part's norm in
+        :mod:`geffect.engine.gram`'s cheaper form when the statistics are due."""
+        cost = K * d_in * d_out
+        if self.want_stats:
+            K_r = K * (self.retain.stop - self.retain.start) // N
+            cost += min(K_r * K_r * (d_in + d_out), K_r * d_in * d_out)
+        return cost
+
+    @staticmethod
+    def _cheaper(gram_cost: float, matmul_cost: float) -> bool:
+        return FORCE if FORCE is not None else gram_cost < matmul_cost
+
+    def _take(self, name: str, products: dict[str, torch.Tensor]) -> bool:
+        cap, mod = self.cap, self.cap.modules[name]
+        rec = cap.seen[name][0]
+        x, g = rec.inputs[0], rec.grad                                   # (N, T, in), (N, T, out)
+        N, d_in, d_out = g.shape[0], x.shape[-1], g.shape[-1]
+        T = g.numel() // (N * d_out)
+        a, d = x.reshape(-1, d_in), g.reshape(-1, d_out)                 # (N·T, in), (N·T, out)
+        idx = live_positions(mod, g.reshape(N, T, d_out))
+        K = N * T if idx is None else len(idx)
+        if idx is None:           # every position: one choice for all layers reading this input
+            if id(x) not in self._choice:
+                outs = self._outs.get(id(x), [d_out])
+                self._choice[id(x)] = self._cheaper(K * K * (d_in + sum(outs)),
+                                                    sum(self._matmul_cost(K, N, d_in, o) for o in outs))
+            use = self._choice[id(x)]
+        else:                     # this layer's live positions alone
+            use = self._cheaper(K * K * (d_in + d_out), self._matmul_cost(K, N, d_in, d_out))
+        if not use:
+            return False
+        cached = self._gram_a.get(id(x)) if idx is None else None
+        share = len(self._outs.get(id(x), ())) if idx is None else 1
+        row = torch.arange(N, device=g.device).repeat_interleave(T)                 # (N·T,) each position's row
+        if idx is not None:
+            a, d, row = a[idx], d[idx], row[idx]
+        with torch.no_grad():
+            if idx is None and cached is not None and cached[0] is x:
+                Ga = cached[1]
+            else:
+                Ga = a @ a.T                                                         # (K, K) a_t·a_s
+                self.input_grams += 1
+                if idx is None and share > 1:
+                    self._gram_a[id(x)] = (x, Ga)
+            Gd = d @ d.T                                                             # (K, K) δ_t·δ_s
+            r = ((row >= self.retain.start) & (row < self.retain.stop)).to(Gd.dtype)
+            B = torch.stack([1 - r, r], 1)                                           # (K, 2) forget side, retain
+            vals = torch.zeros(N, dtype=torch.float64, device=g.device)
+            stats = {}
+            for pn in ("bias", "weight"):                                           # the bias's M = Gd first
+                p = mod._parameters.get(pn)
+                if p is None or not p.requires_grad:
+                    continue
+                M = Gd if pn == "bias" else Gd.mul_(Ga)                              # (K, K) M_ts
+                P = (M @ B).double()                                                 # (K, 2) Σ_s over each part
+                blocks = B.T.double() @ P                                            # (2, 2) 1_Xᵀ M 1_Y
+                sq = _sq(p.grad)
+                if not (blocks.sum() - sq).abs() <= TOL * sq:
+                    return False
+                vals.index_add_(0, row, P.sum(1))                                    # Σ_{t∈i} Σ_s M_ts
+                if self.want_stats:
+                    mags = B.T @ (M.abs() @ B)                                       # (2, 2) Σ|M| per block
+                    if blocks[0, 0] >= CANCEL * mags[0, 0] and blocks[1, 1] >= CANCEL * mags[1, 1]:
+                        stats[id(p)] = (blocks[0, 1].item(), blocks[0, 0].item(), blocks[1, 1].item())
+        self.cap.part_stats |= stats
+        products[name] = vals[self.span].float()           # (rows outside the span, e.g. idk rows: in M only)
+        return True
+
+
+def _out_features(mod: torch.nn.Module) -> int:
+    return mod.weight.shape[0] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[1]   # Conv1D: (in, out)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1)
+    return torch.dot(x, x).double()

@@ -1,0 +1,114 @@
+"""Per-row G-effect products and the parts' statistics of Linear layers in Gram form
+(geffect.engine.gramrows) against the matmul form they replace (rules.linear_rule, itself tested
+against one-sample autograd in test_engine.py) and the formed forget gradient (parts.part_scalars)."""
+import pytest
+import torch
+from helpers import method_of, micro_batch, models, setup, tiny_data
+from test_gram import perturb
+
+from geffect.engine import Due, Engine, gramrows
+from geffect.engine.rules import _CONV1D
+from geffect.step import Step
+
+SPECS = ["gd", "npo+gd", "idkdpo+gd", "ga"]     # GA: retain rows in their own chunk, never eligible
+
+
+def profiled(model, tok, spec, force, monkeypatch, taken=None):
+    """One profiled step (effects and conflict statistics) with the Gram form forced on or off."""
+    monkeypatch.setattr(gramrows, "FORCE", force)
+    method = method_of(spec)
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    if taken is not None:
+        take = gramrows.GramRows.take
+
+        def spy(self, names, products):
+            done = take(self, names, products)
+            taken.extend(done)
+            return done
+        monkeypatch.setattr(gramrows.GramRows, "take", spy)
+    mb = micro_batch(tok, method, tiny_data())
+    res = Step(model, method, ref, ctx, Engine(model))([mb], Due(effects=True, conflicts=True))
+    monkeypatch.setattr(gramrows.GramRows, "take", gramrows.GramRows.take)
+    return res
+
+
+def _linear_names(model) -> set[str]:
+    kinds = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
+    return {n for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
+def test_gram_form_gives_the_matmul_forms_effects_and_conflicts(monkeypatch, kind, spec):
+    """Per-instance, per-group G-effects and every conflict record: Gram form on every eligible layer
+    (GPT-2's Conv1D with biases included; not a tied output projection, and none on GA's chunked
+    rows) against the matmul form."""
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    taken: list[str] = []
+    res = {force: profiled(model, tok, spec, force, monkeypatch, taken if force else None)
+           for force in (False, True)}
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    want = _linear_names(model) - ({"lm_head"} if tied else set())
+    assert set(taken) == (set() if spec == "ga" else want)
+    a, b = res[False].effects[0], res[True].effects[0]
+    for split in ("forget", "retain"):
+        x, y = getattr(a, split), getattr(b, split)
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, split
+    assert len(res[False].conflicts) == len(res[True].conflicts)
+    assert (len(res[True].conflicts) > 0) == (spec != "ga")          # global and per group (GA: no retain part)
+    for c0, c1 in zip(res[False].conflicts, res[True].conflicts):
+        assert c0.keys() == c1.keys()
+        for k, v in c0.items():
+            if isinstance(v, float):
+                # float32 dots: ⟨g_f, g_r⟩ to a share of ‖g_f‖‖g_r‖, not of itself (it may be near 0)
+                n1n2 = c0["norm_forget"] * c0["norm_retain"]
+                tol = {"cosine": {"abs": 1e-5}, "dot": {"abs": 1e-5 * n1n2},
+                       "removed_norm": {"abs": 1e-3 * n1n2 ** 0.5}}.get(k, {"rel": 1e-4, "abs": 1e-6})
+                assert c1[k] == pytest.approx(v, **tol), (k, c0, c1)
+            else:
+                assert c1[k] == v, k
+
+
+def test_a_gradient_holding_anything_else_takes_the_matmul_form(monkeypatch):
+    """A hook that adds to one layer's ``.grad`` breaks 1ᵀM1 = ‖.grad‖²: that layer falls back to the
+    matmul form (along the gradient as it is), every other layer stays in Gram form."""
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
+    victim = model.model.layers[0].mlp.down_proj
+    extra = 0.5 * torch.randn(victim.weight.shape, generator=torch.Generator().manual_seed(3))
+
+    def add(p):
+        p.grad.add_(extra)
+    handle = victim.weight.register_post_accumulate_grad_hook(add)   # runs before the engine's hook
+    try:
+        taken: list[str] = []
+        res = {force: profiled(model, tok, "npo+gd", force, monkeypatch, taken if force else None)
+               for force in (False, True)}
+    finally:
+        handle.remove()
+    assert "model.layers.0.mlp.down_proj" not in taken
+    assert set(taken) == _linear_names(model) - {"model.layers.0.mlp.down_proj"}
+    for split in ("forget", "retain"):
+        x, y = getattr(res[False].effects[0], split), getattr(res[True].effects[0], split)
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, split
+
+
+def test_layers_reading_one_input_share_its_gram(monkeypatch):
+    """A Aᵀ is computed once per input tensor: per block the attention input (q/k/v), the output
+    projection's, the MLP input (gate/up) and the down projection's, plus the output projection's.
+    The last block's layers see cotangents at the answer-predicting positions only (k/v excepted:
+    every key feeds them), and each such layer takes the Gram of its own live positions."""
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
+    made: list[gramrows.GramRows] = []
+    init = gramrows.GramRows.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+    monkeypatch.setattr(gramrows.GramRows, "__init__", spy)
+    taken: list[str] = []
+    profiled(model, tok, "npo+gd", True, monkeypatch, taken)
+    assert len(made) == 1 and len(taken) == 7 * len(model.model.layers) + 1
+    L = len(model.model.layers)
+    assert made[0].input_grams == 4 * (L - 1) + 6 + 1       # last block: q, k/v, o, gate, up, down
+    assert not made[0]._gram_a and not made[0]._users       # every shared Gram released
