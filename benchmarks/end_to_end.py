@@ -94,16 +94,18 @@ def main() -> None:
 
 def phase_table(records: dict[str, pd.DataFrame]) -> None:
     """Where the time goes: the mean seconds per phase (records.csv's t_* columns, self time) over
-    the steps that took per-token G-effects or pairs, and over the others; ``other`` is the step's
-    time outside every phase (sampling the batch, the records)."""
+    each run's first step (optimizer state allocated, pages faulted in), the other steps that took
+    per-token G-effects or pairs, and the rest; ``other`` is the step's time outside every phase
+    (sampling the batch, the records)."""
     print("\nper phase, mean seconds per step (t_* columns of records.csv):")
     rows = []
     for v, d in records.items():
         cols = [c for c in d.columns if c.startswith("t_")]
         if not cols:
             continue
-        special = (d.get("t_tokens", 0) > 0) | (d.get("t_pairs", 0) > 0)
-        for label, sel in (("token/pair steps", special), ("other steps", ~special)):
+        first = d["step"] == d["step"].min()
+        special = ((d.get("t_tokens", 0) > 0) | (d.get("t_pairs", 0) > 0)) & ~first
+        for label, sel in (("first steps", first), ("token/pair steps", special), ("other steps", ~special & ~first)):
             if sel.any():
                 part = d[sel]
                 means = {c[2:]: part[c].mean() for c in cols}
