@@ -112,3 +112,58 @@ def test_layers_reading_one_input_share_its_gram(monkeypatch):
     L = len(model.model.layers)
     assert made[0].input_grams == 4 * (L - 1) + 6 + 1       # last block: q, k/v, o, gate, up, down
     assert not made[0]._gram_a and not made[0]._users       # every shared Gram released
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+def test_padding_changes_nothing_in_gram_form(monkeypatch, kind):
+    """Extra padding columns change no per-instance value; the Gram form sums over the positions
+    that carry a cotangent only (found once per step, the padding's checked in every layer)."""
+    from dataclasses import replace
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    monkeypatch.setattr(gramrows, "FORCE", True)
+    method = method_of("npo+gd")
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    mb = micro_batch(tok, method, tiny_data())
+    batch, k, pad = mb.batch, 7, tok.pad_token_id
+    n = len(batch.input_ids)
+    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
+                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
+                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
+    made: list[gramrows.GramRows] = []
+    init = gramrows.GramRows.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(gramrows.GramRows, "__init__", spy)
+    res = [Step(model, method, ref, ctx, Engine(model))([b], Due(effects=True, conflicts=True))
+           for b in (mb, replace(mb, batch=wide))]
+    assert len(made[1]._dead) >= n * k and len(made[1]._keep) == len(made[0]._keep)
+    for split in ("forget", "retain"):
+        x, y = getattr(res[0].effects[0], split), getattr(res[1].effects[0], split)
+        assert (x - y).abs().max() <= 1e-4 * x.abs().max() + 1e-7, split
+    for c0, c1 in zip(res[0].conflicts, res[1].conflicts):
+        assert c1["cosine"] == pytest.approx(c0["cosine"], abs=1e-4)
+
+
+def test_positions_are_the_steps_live_set_unless_a_layer_has_more():
+    """The first dense layer fixes the step's live positions; a later dense layer with a cotangent at
+    one of the dead positions takes its own live set (not shared), a sparse layer always its own."""
+    rows = object.__new__(gramrows.GramRows)
+    rows._keep = rows._dead = None
+    g = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    g[1, 3] = 0                                                    # one dead position (padding)
+    idx, shared = rows._positions(torch.nn.Linear(5, 3), g, g.reshape(-1, 3))
+    assert shared and idx.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    h = g.clone()
+    h[0, 2] = 0                                                    # a subset of the live set: shared
+    idx, shared = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
+    assert shared and idx is rows._keep
+    h[1, 3] = 1.0                                                  # live where the step's set is dead
+    idx, shared = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
+    assert not shared and idx.tolist() == [0, 1, 3, 4, 5, 6, 7]
+    s = torch.zeros(2, 4, 3)
+    s[0, 1] = 1.0                                                  # position-local (1 of 8): its own
+    idx, shared = rows._positions(torch.nn.Linear(5, 3), s, s.reshape(-1, 3))
+    assert not shared and idx.tolist() == [1]

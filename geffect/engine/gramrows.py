@@ -52,7 +52,9 @@ class GramRows:
                 if isinstance(cap.modules[name], _LINEAR):
                     self._outs.setdefault(k, []).append(_out_features(cap.modules[name]))
         self._choice: dict[int, bool] = {}        # id(input) -> Gram form for its layers (decided once, jointly)
-        self._gram_a: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(input) -> (input, A Aᵀ (K, K))
+        self._gram_a: dict[int, tuple] = {}      # id(input) -> (input, its positions (K,), A Aᵀ (K, K))
+        self._keep: torch.Tensor | None = None   # the step's positions that carry a cotangent (flat)
+        self._dead: torch.Tensor | None = None   # and those that carry none (padding)
         self.input_grams = 0                                               # A Aᵀ computed (shared ones once)
 
     def take(self, names: list[str], products: dict[str, torch.Tensor]) -> list[str]:
@@ -91,6 +93,22 @@ class GramRows:
         return (rec.rows is None and rec.grad is not None and rec.grad.dtype in _FAST_DTYPES
                 and torch.is_tensor(rec.inputs[0]) and self.span.stop <= rec.grad.shape[0])
 
+    def _positions(self, mod: torch.nn.Module, g: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The flat positions (K,) to sum over and whether they are the step's shared set: a layer
+        with cotangents on most positions takes every position that carries one in this step
+        (found once: the padding carries none in any layer, checked per layer on those positions
+        alone), one with position-local cotangents (the output projection) its own."""
+        idx = live_positions(mod, g)
+        if idx is not None:
+            return idx, False
+        if self._dead is not None and (len(self._dead) == 0 or not bool(d[self._dead].any())):
+            return self._keep, True
+        live = d.abs().amax(-1) > 0                                                  # (N·T,)
+        if self._dead is None:
+            self._keep, self._dead = live.nonzero().flatten(), (~live).nonzero().flatten()
+            return self._keep, True
+        return live.nonzero().flatten(), False
+
     def _matmul_cost(self, K: int, N: int, d_in: int, d_out: int) -> float:
         """Multiply-adds of the matmul form: the per-row products, plus the retain part's norm in
         :mod:`geffect.engine.gram`'s cheaper form when the statistics are due."""
@@ -111,9 +129,9 @@ class GramRows:
         N, d_in, d_out = g.shape[0], x.shape[-1], g.shape[-1]
         T = g.numel() // (N * d_out)
         a, d = x.reshape(-1, d_in), g.reshape(-1, d_out)                 # (N·T, in), (N·T, out)
-        idx = live_positions(mod, g.reshape(N, T, d_out))
-        K = N * T if idx is None else len(idx)
-        if idx is None:           # every position: one choice for all layers reading this input
+        idx, shared = self._positions(mod, g.reshape(N, T, d_out), d)
+        K = len(idx)
+        if shared:                # one choice for all layers reading this input
             if id(x) not in self._choice:
                 outs = self._outs.get(id(x), [d_out])
                 self._choice[id(x)] = self._cheaper(K * K * (d_in + sum(outs)),
@@ -123,19 +141,18 @@ class GramRows:
             use = self._cheaper(K * K * (d_in + d_out), self._matmul_cost(K, N, d_in, d_out))
         if not use:
             return False
-        cached = self._gram_a.get(id(x)) if idx is None else None
-        share = len(self._outs.get(id(x), ())) if idx is None else 1
-        row = torch.arange(N, device=g.device).repeat_interleave(T)                 # (N·T,) each position's row
-        if idx is not None:
-            a, d, row = a[idx], d[idx], row[idx]
+        row = torch.div(idx, T, rounding_mode="floor")                                # (K,) each position's row
+        d = d[idx]                                                                    # (K, out)
         with torch.no_grad():
-            if idx is None and cached is not None and cached[0] is x:
-                Ga = cached[1]
+            cached = self._gram_a.get(id(x)) if shared else None
+            if cached is not None and cached[0] is x and cached[1] is idx:
+                Ga = cached[2]
             else:
+                a = a[idx]                                                           # (K, in)
                 Ga = a @ a.T                                                         # (K, K) a_t·a_s
                 self.input_grams += 1
-                if idx is None and share > 1:
-                    self._gram_a[id(x)] = (x, Ga)
+                if shared and len(self._outs.get(id(x), ())) > 1:
+                    self._gram_a[id(x)] = (x, idx, Ga)
             Gd = d @ d.T                                                             # (K, K) δ_t·δ_s
             r = ((row >= self.retain.start) & (row < self.retain.stop)).to(Gd.dtype)
             B = torch.stack([1 - r, r], 1)                                           # (K, 2) forget side, retain
