@@ -295,7 +295,7 @@ class Step:
                 with ph("backward"):
                     res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop,
                                                stream=stream, on_modules=on_modules, phases=ph,
-                                               parts_stats=scalars is not None)
+                                               parts_stats=scalars is not None, pairs=acc is not None)
             elif cap is not None:
                 cap.stash = backprop is not None      # group-only: the tied embeddings' cotangents
                 with ph("backward"):

@@ -236,13 +236,15 @@ def test_measure_api_json_schema():
     assert abs(sum(fv) / len(fv) - res["unlearn"]["total"]) <= 1e-5 * max(1, abs(res["unlearn"]["total"]))
 
 
-@pytest.mark.parametrize("gram_form", [False, True])
-@pytest.mark.parametrize("spec", ["ga", "npo+gd", "simnpo", "wga", "tnpo+kl"])
+@pytest.mark.parametrize("gram_form", [False, True, "rows"])
+@pytest.mark.parametrize("spec", ["ga", "gd", "npo+gd", "simnpo", "wga", "tnpo+kl"])
 def test_instance_pairs_match_one_instance_at_a_time(tiny, spec, gram_form, monkeypatch):
     """Fig. 5b pairs: (∇R_uᵀ∇L(s_i), ∇R_rᵀ∇L(s_i)) against a forward of s_i alone, per group; the
-    Linear layers' risk gradients formed, or in Gram form (engine/gram.py)."""
+    Linear layers' risk gradients formed, or in Gram form (engine/pairs.py), or taken with the
+    G-effect products ("rows": engine/gramrows.py, on the reuse path's single forward)."""
     from geffect.engine import gram
-    monkeypatch.setattr(gram, "FORCE", gram_form)
+    monkeypatch.setattr(gram, "FORCE", gram_form if gram_form != "rows" else None)
+    monkeypatch.setattr(gramrows, "FORCE", gram_form == "rows")
     from geffect.data.batching import qa
     from geffect.data.sampling import MicroBatch
     from geffect.engine import Due

@@ -13,7 +13,7 @@ from geffect.step import Step
 SPECS = ["gd", "npo+gd", "idkdpo+gd", "ga"]     # GA: retain rows in their own chunk, never eligible
 
 
-def profiled(model, tok, spec, force, monkeypatch, taken=None):
+def profiled(model, tok, spec, force, monkeypatch, taken=None, due=Due(effects=True, conflicts=True)):
     """One profiled step (effects and conflict statistics) with the Gram form forced on or off."""
     monkeypatch.setattr(gramrows, "FORCE", force)
     method = method_of(spec)
@@ -28,8 +28,8 @@ def profiled(model, tok, spec, force, monkeypatch, taken=None):
             return done
         monkeypatch.setattr(gramrows.GramRows, "take", spy)
     mb = micro_batch(tok, method, tiny_data())
-    res = Step(model, method, ref, ctx, Engine(model))([mb], Due(effects=True, conflicts=True))
-    monkeypatch.setattr(gramrows.GramRows, "take", gramrows.GramRows.take)
+    res = Step(model, method, ref, ctx, Engine(model))([mb], due)
+    monkeypatch.setattr(gramrows.GramRows, "take", take if taken is not None else gramrows.GramRows.take)
     return res
 
 
@@ -167,3 +167,27 @@ def test_positions_are_the_steps_live_set_unless_a_layer_has_more():
     s[0, 1] = 1.0                                                  # position-local (1 of 8): its own
     idx, shared = rows._positions(torch.nn.Linear(5, 3), s, s.reshape(-1, 3))
     assert not shared and idx.tolist() == [1]
+
+
+@pytest.mark.parametrize("spec", ["gd", "npo+gd", "idkdpo+gd"])
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
+def test_pairs_taken_with_the_products_equal_the_pairs_path(monkeypatch, kind, spec):
+    """Fig. 5b pairs of every layer in Gram form, taken from M with the G-effect products, against
+    engine/pairs.py's own (itself against one-instance autograd in test_engine.py)."""
+    from geffect.engine.pairs import PairsAccumulator
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    added: list[str] = []
+    add = PairsAccumulator.add
+
+    def spy(self, names):
+        added.extend(n for n in names if n in self.c.cap.pair_products)
+        return add(self, names)
+    monkeypatch.setattr(PairsAccumulator, "add", spy)
+    due = Due(effects=True, conflicts=True, pairs=True)
+    taken: list[str] = []
+    res = {force: profiled(model, tok, spec, force, monkeypatch, taken if force else None, due)
+           for force in (False, True)}
+    assert taken and sorted(added) == sorted(taken)
+    for risk in ("unlearn", "retain"):
+        x, y = getattr(res[False].pairs[0], risk), getattr(res[True].pairs[0], risk)
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, risk

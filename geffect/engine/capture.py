@@ -58,6 +58,7 @@ class Capture:
         self.stream_to = None                        # callback(module names) when their gradients are complete
         self.streamed: dict[str, torch.Tensor] = {}  # per-row inner products already taken, per group
         self.part_stats: dict[int, tuple] = {}       # id(param) -> the parts' statistics taken in Gram form (gramrows)
+        self.pair_products: dict[str, torch.Tensor] = {}  # module -> its Fig. 5b pairs (n_f, 2) taken in Gram form
         self._owners: dict[int, list[str]] = {}
         for name, mod in self.modules.items():
             for p in mod._parameters.values():
@@ -144,6 +145,7 @@ class Capture:
         self.seen.clear()
         self.streamed = {}
         self.part_stats = {}
+        self.pair_products = {}
         self.row_scale = None
 
     def _outputs(self) -> list[_Seen]:

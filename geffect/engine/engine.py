@@ -187,7 +187,8 @@ class Engine:
                        torch.cat(weights).cpu() if all(w is not None for w in weights) else None)
 
     def backward(self, cap: Capture, fo, loss: torch.Tensor, reuse: bool = True, backprop=None,
-                 stream: bool = False, on_modules=None, phases=None, parts_stats: bool = False) -> str:
+                 stream: bool = False, on_modules=None, phases=None, parts_stats: bool = False,
+                 pairs: bool = False) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
         ``reuse``: if the loss reads the model only through the per-token NLL and on every
@@ -209,7 +210,8 @@ class Engine:
         yet divided by the reuse path's c_i, over the forget and retain rows), and their captured
         tensors are freed during the backward. Linear layers take their products in Gram form where
         cheaper (:mod:`geffect.engine.gramrows`), with the parts' conflict statistics into
-        ``cap.part_stats`` when ``parts_stats``.
+        ``cap.part_stats`` when ``parts_stats`` and the Fig. 5b pairs into ``cap.pair_products``
+        when ``pairs``.
         ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
         """
         backprop = backprop or loss.backward
@@ -232,7 +234,7 @@ class Engine:
         if c is not None:
             cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
         if stream:
-            self._arm(cap, fo.segments, on_modules, phases, parts_stats)
+            self._arm(cap, fo.segments, on_modules, phases, parts_stats, pairs)
         if c is None:
             cap.risk_grads(R)
             training_backward(cap, backprop)
@@ -242,10 +244,11 @@ class Engine:
         cap.stash = False
         return path
 
-    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None, parts_stats: bool = False) -> None:
+    def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None, parts_stats: bool = False,
+             pairs: bool = False) -> None:
         """Stream: per-row inner products of each module against its completed ``.grad``."""
         span = span_of(segments)
-        gram_rows = GramRows(cap, span, segments["retain"], parts_stats)
+        gram_rows = GramRows(cap, span, segments["retain"], parts_stats, segments, pairs)
 
         def add(group: str, v: torch.Tensor) -> None:
             cap.streamed[group] = cap.streamed[group] + v if group in cap.streamed else v

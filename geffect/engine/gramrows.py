@@ -13,6 +13,11 @@ by the layers that read one input (q/k/v, gate/up). The same M gives the conflic
 the two parts (:mod:`geffect.engine.parts`: forget = every row outside the retain segment) with
 no part's gradient formed: ‖g_f‖² = 1_fᵀ M 1_f, ⟨g_f, g_r⟩ = 1_fᵀ M 1_r, ‖g_r‖² = 1_rᵀ M 1_r.
 
+The Fig. 5b pairs (:mod:`geffect.engine.pairs`) come from the same M: the risks' cotangents on
+the reuse path are the training ones scaled per row (g_t = δ_t/c_t), so a forget instance's pair
+is Σ_{s∈i} Σ_{t∈R} M_st /(c_t·n_R) over the forget-side positions s of instance i and the risk
+R's rows t (forget rows for R_u, retain rows for R_r).
+
 Each layer checks the identity it rests on: 1ᵀ M 1 must equal ‖.grad‖² (to TOL). A layer whose
 gradient holds anything else (its weight used outside the module, a hook writing to ``.grad``)
 or whose Gram sums cancel fails it and takes the matmul form; statistics whose block sums cancel
@@ -39,10 +44,14 @@ class GramRows:
 
     ``span`` is the rows of the per-row products (M covers every row of the step's one forward), ``retain``
     the retain segment, ``stats``: the conflict statistics are due (their cost in the matmul form
-    counts in the choice, and the capture's ``part_stats`` receives them per tensor)."""
+    counts in the choice, and the capture's ``part_stats`` receives them per tensor). ``segments``
+    with ``pairs``: the capture's ``pair_products`` receives each layer's pairs, (n_f, 2) for
+    (R_u, R_r) per forget instance, as :class:`geffect.engine.pairs.PairsAccumulator` adds them."""
 
-    def __init__(self, cap: Capture, span: slice, retain: slice, stats: bool):
+    def __init__(self, cap: Capture, span: slice, retain: slice, stats: bool,
+                 segments: dict[str, slice] | None = None, pairs: bool = False):
         self.cap, self.span, self.retain, self.want_stats = cap, span, retain, stats
+        self._pairs = _pair_weights(cap, segments) if pairs and segments is not None else None
         self._users: dict[int, int] = {}          # id(input) -> layers still to take
         self._outs: dict[int, list[int]] = {}     # id(input) -> output widths of the Linear layers reading it
         for name, recs in cap.seen.items():
@@ -158,6 +167,7 @@ class GramRows:
             B = torch.stack([1 - r, r], 1)                                           # (K, 2) forget side, retain
             vals = torch.zeros(N, dtype=torch.float64, device=g.device)
             stats = {}
+            pair_sums = None                                                         # (K, 2) Σ_t M_st·w_t per risk
             for pn in ("bias", "weight"):                                           # the bias's M = Gd first
                 p = mod._parameters.get(pn)
                 if p is None or not p.requires_grad:
@@ -169,13 +179,41 @@ class GramRows:
                 if not (blocks.sum() - sq).abs() <= TOL * sq:
                     return False
                 vals.index_add_(0, row, P.sum(1))                                    # Σ_{t∈i} Σ_s M_ts
+                if self._pairs is not None:
+                    w = self._pairs[1][row].to(M.dtype)                              # (K, 2) 1/(c_t·n_R) on R's rows
+                    pair_sums = M @ w if pair_sums is None else pair_sums + M @ w
                 if self.want_stats:
                     mags = B.T @ (M.abs() @ B)                                       # (2, 2) Σ|M| per block
                     if blocks[0, 0] >= CANCEL * mags[0, 0] and blocks[1, 1] >= CANCEL * mags[1, 1]:
                         stats[id(p)] = (blocks[0, 1].item(), blocks[0, 0].item(), blocks[1, 1].item())
         self.cap.part_stats |= stats
+        if pair_sums is not None:
+            owner, _, n_f = self._pairs
+            inst = owner[row]                                                        # (K,) forget instance or -1
+            side = inst >= 0
+            self.cap.pair_products[name] = torch.zeros(n_f, 2, dtype=torch.float32, device=g.device).index_add_(
+                0, inst[side], pair_sums[side].float())
         products[name] = vals[self.span].float()           # (rows outside the span, e.g. idk rows: in M only)
         return True
+
+
+def _pair_weights(cap: Capture, segments: dict[str, slice]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Per row: the forget instance it belongs to (its forget, idk or mismatch row; -1 for the
+    retain rows), and the weights (N, 2) 1/(c_t·n_R) turning a training cotangent into the risk's
+    mean gradient term on R_u's rows (forget) and R_r's (retain), 0 elsewhere; and n_f."""
+    f, r = segments["forget"], segments["retain"]
+    n_f, n_r = f.stop - f.start, r.stop - r.start
+    if cap.row_scale is None or not n_f or not n_r:
+        return None
+    scale = cap.row_scale                                                            # (N,) 1/c_t
+    owner = torch.full((len(scale),), -1, dtype=torch.long, device=scale.device)
+    for name in ("forget", "idk", "mismatch"):
+        if name in segments:
+            seg = segments[name]
+            owner[seg] = torch.arange(seg.stop - seg.start, device=scale.device)
+    w = torch.zeros(len(scale), 2, dtype=scale.dtype, device=scale.device)
+    w[f, 0], w[r, 1] = scale[f] / n_f, scale[r] / n_r
+    return owner, w, n_f
 
 
 def _out_features(mod: torch.nn.Module) -> int:

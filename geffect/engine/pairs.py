@@ -123,7 +123,14 @@ class PairsAccumulator:
     @torch.no_grad()
     def add(self, names: list[str]) -> None:
         """Take the pairs' share of these modules (a tied tensor's modules must come together). One
-        risk at a time: only one risk's gradients of these modules are held at once."""
+        risk at a time: only one risk's gradients of these modules are held at once. A module whose
+        pairs were taken with its G-effect products (``cap.pair_products``, :mod:`gramrows`) adds them."""
+        taken = [n for n in names if n in self.c.cap.pair_products]
+        for name in taken:
+            gi, v = self.groups.index(self.assignment[name]), self.c.cap.pair_products.pop(name).to(self.device)
+            self.out["unlearn"][:, gi] += v[:, 0]                          # v: (n_f, 2) for (R_u, R_r)
+            self.out["retain"][:, gi] += v[:, 1]
+        names = [n for n in names if n not in taken]
         side = {}
         for name in names:            # the forget-side rows of each captured chunk, and their instances
             for j, rec in enumerate(self.c.cap.seen.get(name, [])):
