@@ -13,8 +13,11 @@ from geffect.step import Step
 SPECS = ["gd", "npo+gd", "idkdpo+gd", "ga"]     # GA: retain rows in their own chunk, never eligible
 
 
-def profiled(model, tok, spec, force, monkeypatch, taken=None, due=Due(effects=True, conflicts=True)):
-    """One profiled step (effects and conflict statistics) with the Gram form forced on or off."""
+EFFECTS_AND_CONFLICTS = Due(effects=True, conflicts=True)
+
+
+def profiled(model, tok, spec, force, monkeypatch, taken=None, due=EFFECTS_AND_CONFLICTS):
+    """One profiled step (effects and conflict statistics by default) with the Gram form forced on or off."""
     monkeypatch.setattr(gramrows, "FORCE", force)
     method = method_of(spec)
     ctx, ref = setup(model, method)
