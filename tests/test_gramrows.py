@@ -36,6 +36,18 @@ def profiled(model, tok, spec, force, monkeypatch, taken=None, due=EFFECTS_AND_C
     return res
 
 
+def record_instances(monkeypatch) -> list:
+    """Every GramRows made from here on (one per streamed backward), to look inside."""
+    made: list[gramrows.GramRows] = []
+    init = gramrows.GramRows.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(gramrows.GramRows, "__init__", spy)
+    return made
+
+
 def _linear_names(model) -> set[str]:
     kinds = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
     return {n for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -102,13 +114,7 @@ def test_layers_reading_one_input_share_its_gram(monkeypatch):
     The last block's layers see cotangents at the answer-predicting positions only (k/v excepted:
     every key feeds them), and each such layer takes the Gram of its own live positions."""
     model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
-    made: list[gramrows.GramRows] = []
-    init = gramrows.GramRows.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
-    monkeypatch.setattr(gramrows.GramRows, "__init__", spy)
+    made = record_instances(monkeypatch)
     taken: list[str] = []
     profiled(model, tok, "npo+gd", True, monkeypatch, taken)
     assert len(made) == 1 and len(taken) == 7 * len(model.model.layers) + 1
@@ -133,13 +139,7 @@ def test_padding_changes_nothing_in_gram_form(monkeypatch, kind):
     wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
                        torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
                        torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
-    made: list[gramrows.GramRows] = []
-    init = gramrows.GramRows.__init__
-
-    def spy(self, *a, **kw):
-        init(self, *a, **kw)
-        made.append(self)
-    monkeypatch.setattr(gramrows.GramRows, "__init__", spy)
+    made = record_instances(monkeypatch)
     res = [Step(model, method, ref, ctx, Engine(model))([b], Due(effects=True, conflicts=True))
            for b in (mb, replace(mb, batch=wide))]
     assert len(made[1]._dead) >= n * k and len(made[1]._keep) == len(made[0]._keep)
