@@ -34,12 +34,12 @@ import torch
 
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured
+from geffect.engine.gramrows import _FAST_DTYPES, _sq
 from geffect.engine.parts import part_scalars
 from geffect.engine.rules import live_positions
 
 CANCEL_SQ = 1e-2          # ‖Y‖² by differencing: at least this share of |terms|, else g_f is formed
 CANCEL_GRAM = 1e-3        # Gram-form ‖g_X‖²: at least this share of Σ|terms|, else g_X is formed
-_FAST_DTYPES = (torch.float32, torch.float64)
 FORCE: bool | None = None  # tests: the Gram form always (True) or never (False); None: where cheaper
 
 
@@ -130,11 +130,6 @@ def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], d
         return None
     dot_xy = (dot_xg - sq_x).item()
     return (dot_xy, sq_x.item(), sq_y.item()) if x == "forget" else (dot_xy, sq_y.item(), sq_x.item())
-
-
-def _sq(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1)
-    return torch.dot(x, x).double()
 
 
 def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:
