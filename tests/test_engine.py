@@ -54,6 +54,36 @@ def test_streamed_inner_products_equal_those_taken_after_the_backward(tiny, spec
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), (spec, split)
 
 
+@pytest.mark.parametrize("spec", ["npo+gd", "ga"])
+def test_streamed_modules_free_their_captured_tensors_during_the_backward(tiny, spec, monkeypatch):
+    """A streamed module's captured cotangent is freed once its values are taken, not when the
+    backward ends (each output's cotangent hook refers to its record until the graph is freed): by
+    the time the last module completes, no earlier module's cotangent is alive (before: every one).
+    A tensor a record still held also has is not counted."""
+    import weakref
+
+    from geffect.engine.capture import Capture
+    refs: list = []
+    still_alive: list[int] = []
+    release = Capture.release_modules
+
+    def spy(self, names):
+        if self.training_pass:
+            held = {id(t) for recs in self.seen.values() for rec in recs for t in (rec.grad, rec.train, *rec.inputs)
+                    if torch.is_tensor(t)}
+            still_alive.append(sum(r() is not None and id(r()) not in held for r in refs))
+            refs.extend(weakref.ref(rec.grad) for n in names for rec in self.seen.get(n, []) if rec.grad is not None)
+        release(self, names)
+    monkeypatch.setattr(Capture, "release_modules", spy)
+    method = method_of(spec)
+    ctx, ref = setup(tiny.model, method)
+    engine_step(tiny.model, method, micro_batch(tiny.tokenizer, method, tiny_data()), ref, ctx=ctx)
+    assert len(refs) > 10 and len(still_alive) > 5
+    # autograd itself holds the residual stream's cotangent (o_proj's and down_proj's outputs) until
+    # the earlier block consumes it: at most two per block at a time, none by the last release
+    assert max(still_alive) <= 2 * tiny.model.config.num_hidden_layers and still_alive[-1] == 0, still_alive
+
+
 @pytest.mark.parametrize("spec", ["ga", "npo", "simnpo", "tnpo"])
 def test_retain_rows_as_own_chunk_match_autograd(tiny, spec):
     """Objectives that never read the retain rows, with the retain rows forwarded as their own chunk

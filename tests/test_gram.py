@@ -1,6 +1,8 @@
 """The streamed conflict statistics from per-row products and Gram sums (geffect.engine.gram)
 against their slow twin, the forget part's gradient formed module by module (parts.part_scalars,
 itself tested against autograd's split path in test_parts.py)."""
+import copy
+
 import pytest
 import torch
 from helpers import method_of, micro_batch, models, setup, tiny_data
@@ -92,7 +94,7 @@ def _captured_step(model, tok, spec):
             kept.update(names=list(names), cap=cap, segments=segments, products=dict(products), span=span,
                         slow=part_scalars(model, {n: cap.assignment[n] for n in names},
                                           [Captured(cap, segments, [], [])]),
-                        seen={n: list(cap.seen[n]) for n in names})
+                        seen={n: [copy.copy(r) for r in cap.seen[n]] for n in names})   # (release clears them)
         return part_scalars(model, {n: cap.assignment[n] for n in names}, [Captured(cap, segments, [], [])])
     mp = pytest.MonkeyPatch()
     mp.setattr(geffect.step, "streamed_part_scalars", keep)

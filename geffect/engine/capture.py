@@ -136,9 +136,12 @@ class Capture:
             rec.output = None
 
     def release_modules(self, names) -> None:
-        """Drop the captured tensors of these modules (their values are taken)."""
+        """Drop the captured tensors of these modules (their values are taken). The records' tensors
+        are cleared, not only the records: each output's cotangent hook still refers to its record
+        until the backward ends and frees the graph, and would keep every cotangent alive to then."""
         for n in names:
-            self.seen.pop(n, None)
+            for rec in self.seen.pop(n, []):
+                rec.inputs, rec.output, rec.grad, rec.train = (), None, None, None
 
     def release(self) -> None:
         """Drop every captured tensor (call once the step's values are computed)."""
