@@ -38,6 +38,8 @@ from geffect.engine.gram import streamed_part_scalars
 from geffect.engine.grouponly import group_effects, split_factors, tied_embeddings
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
+from geffect.engine.partsform import _LINEAR as _PARTS_LINEAR
+from geffect.engine.partsform import PartsForm, checkpointing, one_pass_scalars
 from geffect.engine.schedule import NOTHING, Due
 from geffect.engine.tokens import TokenRecords, TokenSource
 from geffect.forward import forward, part_rows
@@ -102,6 +104,41 @@ class Step:
             self._tied_names = tied_embeddings(self.model, self.engine.assignment)
         return self._tied_names
 
+    def _parts_linear(self) -> dict[str, torch.nn.Module] | None:
+        """The engine's Linear (and Conv1D) modules for the parts form, each owning its parameters
+        alone or tied to an input embedding only; None where any other module shares a Linear
+        weight, under gradient checkpointing or across processes (then two passes)."""
+        if self.world.active or checkpointing(self.model):
+            return None
+        owners: dict[int, list[str]] = {}
+        for n in self.engine.assignment:
+            for p in self.model.get_submodule(n)._parameters.values():
+                if p is not None and p.requires_grad:
+                    owners.setdefault(id(p), []).append(n)
+        out = {}
+        for n in self.engine.assignment:
+            mod = self.model.get_submodule(n)
+            if not isinstance(mod, _PARTS_LINEAR):
+                continue
+            for p in mod._parameters.values():
+                if p is None or not p.requires_grad:
+                    continue
+                others = [o for o in owners[id(p)] if o != n]
+                if others and (len(others) > 1 or p is not mod.weight
+                               or not isinstance(self.model.get_submodule(others[0]), torch.nn.Embedding)):
+                    return None
+            out[n] = mod
+        return out or None
+
+    def _tied_ids(self, linear: dict[str, torch.nn.Module] | None, mb: MicroBatch) -> dict[str, torch.Tensor]:
+        """Output projection tied to an input embedding -> the batch's distinct token ids (U,), sorted."""
+        if linear is None:
+            return {}
+        emb = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        dev = next(self.model.parameters()).device
+        ids = torch.unique(mb.batch.input_ids.to(dev))
+        return {n: ids for n, m in linear.items() if id(m.weight) in emb}
+
     def groups_of(self) -> dict[int, str]:
         if self._groups_of is None:
             self._groups_of = param_groups(self.model, self.capturer().assignment)
@@ -127,8 +164,17 @@ class Step:
         # tensor as the second arrives. Not with per-instance values: their captured cotangents of the
         # first pass would be held through the second (no streaming), where the captured path below
         # streams the conflict statistics at about the same time cost
-        dots = TwoPassDots(self.params, keep_first=method.has_retain_part, phases=ph) if group_only else None
-        if group_only:
+        # GD-family (a retain part in L): one forward and one backward, each Linear layer's weight
+        # gradient formed as its two parts (geffect.engine.partsform); every other module's forget part
+        # formed from its captured cotangents. GA (the retain risk is not in L) keeps the two passes
+        linear = self._parts_linear() if group_only and method.has_retain_part else None
+        self._parts_form = (PartsForm(self.model, linear, micro[0].batch.segments, self._tied_ids(linear, micro[0]))
+                            if linear is not None else None)
+        dots = (TwoPassDots(self.params, keep_first=method.has_retain_part, phases=ph)
+                if group_only and linear is None else None)
+        if linear is not None:
+            capturer = Capture(self.model, {n: g for n, g in engine.assignment.items() if n not in linear})
+        elif group_only:
             tied = self._tied()
             capturer = Capture(self.model, {n: engine.assignment[n] for n in tied}) if tied else None
         else:
@@ -155,17 +201,20 @@ class Step:
         res = StepResult(dict.fromkeys(("loss", "loss_forget", "loss_retain", "nll_forget", "nll_retain"), 0.0), None)
         captured, sources, weights, factors = [], [], [], []
         for mb in micro:
-            parts, fo, cap = self._micro_step(mb, len(micro), None if group_only else engine, capturer, retain_chunk,
-                                              keep_training, res, stream,
-                                              scalars if stream and parts_due else None,
-                                              pairs if engine is not None and due.pairs else None, dots,
-                                              factors if group_only else None)
+            with self._parts_form if self._parts_form is not None else nullcontext():
+                parts, fo, cap = self._micro_step(mb, len(micro), None if group_only else engine, capturer, retain_chunk,
+                                                  keep_training, res, stream,
+                                                  scalars if stream and parts_due else None,
+                                                  pairs if engine is not None and due.pairs else None, dots,
+                                                  factors if group_only else None)
             if group_only:
-                res.path = "two-pass"
+                res.path = "one-pass" if dots is None else "two-pass"
                 with ph("effects"):
-                    per_tensor = dots.result()
+                    per_tensor = (dots.result() if dots is not None
+                                  else one_pass_scalars(self.model, self._parts_form, cap, mb.batch.segments))
                     res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
-                                                     dots.keep_first, *factors, mb.batch.segments, cap))
+                                                     dots is None or dots.keep_first, *factors, mb.batch.segments,
+                                                     cap))
                 scalars = per_tensor if parts_due else {}
                 cap = None
             if cap is not None:
@@ -297,10 +346,18 @@ class Step:
                                                stream=stream, on_modules=on_modules, phases=ph,
                                                parts_stats=scalars is not None, pairs=acc is not None)
             elif cap is not None:
-                cap.stash = backprop is not None      # group-only: the tied embeddings' cotangents
+                # group-only: the tied embeddings' cotangents (two passes); every captured module's
+                # training cotangents (one pass), the Linear layers' parts formed in the backward
+                one_pass = self._parts_form is not None
+                cap.stash = backprop is not None or one_pass
+                cap.keep_training = cap.keep_training or one_pass
+                if one_pass:
+                    self._parts_form.arm()
                 with ph("backward"):
                     training_backward(cap, backprop or loss.backward)
                 cap.stash = False
+                if one_pass:
+                    self._parts_form.arm(False)
             else:
                 with ph("backward"):
                     (backprop or loss.backward)()
