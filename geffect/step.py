@@ -164,12 +164,13 @@ class Step:
         # tensor as the second arrives. Not with per-instance values: their captured cotangents of the
         # first pass would be held through the second (no streaming), where the captured path below
         # streams the conflict statistics at about the same time cost
-        # GD-family (a retain part in L): one forward and one backward, each Linear layer's weight
-        # gradient formed as its two parts (geffect.engine.partsform); every other module's forget part
-        # formed from its captured cotangents. GA (the retain risk is not in L) keeps the two passes
-        linear = self._parts_linear() if group_only and method.has_retain_part else None
-        self._parts_form = (PartsForm(self.model, linear, micro[0].batch.segments, self._tied_ids(linear, micro[0]))
-                            if linear is not None else None)
+        # one forward and one backward, each Linear layer's weight gradient formed as its two parts
+        # (geffect.engine.partsform), every other module's forget part formed from its captured
+        # cotangents; GA (the retain risk is not in L): the backward of L + n_r·R_r, the retain part
+        # kept out of .grad. Two passes where a Linear weight is shared otherwise
+        linear = self._parts_linear() if group_only else None
+        self._parts_form = (PartsForm(self.model, linear, micro[0].batch.segments, self._tied_ids(linear, micro[0]),
+                                      keep_retain=method.has_retain_part) if linear is not None else None)
         dots = (TwoPassDots(self.params, keep_first=method.has_retain_part, phases=ph)
                 if group_only and linear is None else None)
         if linear is not None:
@@ -183,7 +184,8 @@ class Step:
         # their own forward chunk, so the risk backward they need (the forget rows reuse the training
         # backward) covers them alone
         retain_chunk = (engine is not None and engine.cfg.reuse_backward and not method.has_retain_part
-                        and method.reuse_candidate and not self.world.active)    # DDP: one forward per backward
+                        and method.reuse_candidate and not self.world.active     # DDP: one forward per backward
+                        and self._parts_form is None)                            # group-only: one forward
         keep_training = (parts_due and not group_only) or (engine is not None and due.pairs)
         # along ∇L with everything known at the end of this one backward: take each module's values
         # as its gradient completes and free its captured tensors then (see Engine.backward)
@@ -209,12 +211,16 @@ class Step:
                                                   factors if group_only else None)
             if group_only:
                 res.path = "one-pass" if dots is None else "two-pass"
+                keep_first = dots.keep_first if dots is not None else method.has_retain_part
                 with ph("effects"):
-                    per_tensor = (dots.result() if dots is not None
-                                  else one_pass_scalars(self.model, self._parts_form, cap, mb.batch.segments))
+                    if dots is not None:
+                        per_tensor = dots.result()
+                    else:         # (⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²); GA: X = g_r (n_r·∇R_r), Y = g_f
+                        per_tensor = one_pass_scalars(self.model, self._parts_form, cap, mb.batch.segments)
+                        if not keep_first:
+                            per_tensor = {k: (xy, rr, ff) for k, (xy, ff, rr) in per_tensor.items()}
                     res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
-                                                     dots is None or dots.keep_first, *factors, mb.batch.segments,
-                                                     cap))
+                                                     keep_first, *factors, mb.batch.segments, cap))
                 scalars = per_tensor if parts_due else {}
                 cap = None
             if cap is not None:
@@ -388,6 +394,13 @@ class Step:
             if dots is not None:      # GA alone, group-only: the retain risk's backward, then the loss's
                 r = batch.segments["retain"]
                 backprop = two_passes(fn.mean_nll(fo.views[1].nll[r], fo.mask[r]).sum(), parts.total, dots)
+            elif self._parts_form is not None and not self._parts_form.keep_retain:
+                # GA alone, group-only in one pass: L and the retain risk in one backward (partsform)
+                r = batch.segments["retain"]
+                both = fn.mean_nll(fo.nll[r], fo.mask[r]).sum()
+                if torch.is_tensor(parts.total) and parts.total.requires_grad:
+                    both = both + parts.total
+                backprop = both.backward
         if factors is not None:
             factors += split_factors(fo, parts.total, method.has_retain_part)
         return fo, parts, backprop, (sf, sr)

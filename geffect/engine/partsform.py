@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured
-from geffect.engine.parts import forget_side, part_scalars
+from geffect.engine.parts import apply_coefficients, forget_side, part_scalars
 from geffect.engine.rules import _CONV1D, live_positions
 
 _LINEAR = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
@@ -62,8 +62,8 @@ class PartsForm:
     around the step's forward and backward); :meth:`arm` before the training backward."""
 
     def __init__(self, model: torch.nn.Module, linear: dict[str, torch.nn.Module], segments: dict[str, slice],
-                 tied_ids: dict[str, torch.Tensor]):
-        self.model, self.linear = model, linear
+                 tied_ids: dict[str, torch.Tensor], keep_retain: bool = True):
+        self.model, self.linear, self.keep_retain = model, linear, keep_retain
         r = segments["retain"]
         self.forget = _slices(forget_side(segments))                  # the forget-side rows, as slices
         self.retain = [r] if r.stop > r.start else []
@@ -123,7 +123,9 @@ def one_pass_scalars(model: torch.nn.Module, parts: PartsForm, cap: Capture | No
         tied_emb.add(emb)
         if site is None or site.rows is None:
             raise RuntimeError(f"the tied output projection {name} took no parts in this backward")
-        stats[id(mod.weight)] = _tied_dots(site, cap, emb, ids, parts)
+        stats[id(mod.weight)], E_r = _tied_dots(site, cap, emb, ids, parts)
+        if not parts.keep_retain:             # the embedding's retain rows out of .grad (autograd added them)
+            mod.weight.grad.index_add_(0, ids, E_r.to(mod.weight.grad.dtype), alpha=-1)
         if "bias" in site.dots:
             stats[id(mod.bias)] = site.dots["bias"]
     out = {}
@@ -133,13 +135,18 @@ def one_pass_scalars(model: torch.nn.Module, parts: PartsForm, cap: Capture | No
         out = {i: tuple(v) for i, v in zip(ids, flat)}
     if cap is not None:
         rest = {n: cap.assignment[n] for n in cap.modules if n not in tied_emb}
-        out |= part_scalars(model, rest, [Captured(cap, segments, [], [])])
+        captured = [Captured(cap, segments, [], [])]
+        out |= part_scalars(model, rest, captured)
+        if not parts.keep_retain:             # their .grad holds both parts: keep the forget part alone
+            apply_coefficients(model, rest, captured, {pid: (1.0, 0.0) for pid in out})
     return out
 
 
-def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor, parts: PartsForm) -> torch.Tensor:
+def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor,
+               parts: PartsForm) -> tuple[torch.Tensor, torch.Tensor]:
     """The tied weight's (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²): the projection's, completed by the
-    embedding's parts E_f, E_r as rows at the token ids ``ids`` (U,) (see the module docstring)."""
+    embedding's parts E_f, E_r as rows at the token ids ``ids`` (U,) (see the module docstring);
+    and E_r (U, d)."""
     mod = cap.modules[emb]
     (rec,) = cap.seen[emb]
     tok, e = rec.inputs[0], rec.train                                         # (N, T), (N, T, d)
@@ -157,7 +164,7 @@ def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor, parts: Pa
     xy, xx, yy = site.dots["weight"]
     return torch.stack([xy + _dot(H_f, E_r) + _dot(E_f, H_r) + _dot(E_f, E_r),
                         xx + 2 * _dot(H_f, E_f) + _dot(E_f, E_f),
-                        yy + 2 * _dot(H_r, E_r) + _dot(E_r, E_r)])
+                        yy + 2 * _dot(H_r, E_r) + _dot(E_r, E_r)]), E_r
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -196,20 +203,22 @@ class _PartsLinear(torch.autograd.Function):
             forget = [_position_slices(idx, s, T) for s in owner.forget]
             retain = [_position_slices(idx, s, T) for s in owner.retain]
             D, A = _gather(D, idx), _gather(A, idx)        # (K, 1, out), (K, 1, in): a position per "row"
-        gw, site.dots["weight"], site.rows = _split_grad(D, A, site.conv1d, forget, retain, site.tied_ids)
+        gw, site.dots["weight"], site.rows = _split_grad(D, A, site.conv1d, forget, retain, site.tied_ids,
+                                                         owner.keep_retain)
         gb = None
         if ctx.has_bias:
             bf, br = _rows_sum(D, forget), _rows_sum(D, retain)
             site.dots["bias"] = _three(bf, br)
-            gb = bf.add_(br)
+            gb = bf.add_(br) if owner.keep_retain else bf
         return gx, gw, gb, None, None
 
 
 def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[slice], retain: list[slice],
-                tied_ids: torch.Tensor | None):
-    """The weight gradient G = G_f + G_r, its parts' (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) (3,) float64 and,
-    for a tied projection, the parts' rows at ``tied_ids``; in tiles of G's rows (``TILE_BYTES``), so
-    the parts never exist whole: one allocation of G, as autograd's, and the dots on cached tiles."""
+                tied_ids: torch.Tensor | None, keep_retain: bool = True):
+    """The weight gradient G = G_f + G_r (G_f alone unless ``keep_retain``), its parts' (⟨G_f, G_r⟩,
+    ‖G_f‖², ‖G_r‖²) (3,) float64 and, for a tied projection, the parts' rows at ``tied_ids``; in tiles
+    of G's rows (``TILE_BYTES``), so the parts never exist whole: one allocation of G, as autograd's,
+    and the dots on cached tiles."""
     L, R = (A, D) if conv1d else (D, A)                                          # G = Σ L_tᵀ... (rows, cols)
     rows, cols = L.shape[-1], R.shape[-1]
     tile = max(1, min(rows, TILE_BYTES // (cols * D.element_size())))
@@ -221,7 +230,10 @@ def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[sli
         Lk = L[..., k:k + tile]
         Gf, Gr = _part(Lk, R, forget), _part(Lk, R, retain)                      # (tile, cols) each
         dots += _three(Gf, Gr)
-        torch.add(Gf, Gr, out=G[k:k + tile])
+        if keep_retain:
+            torch.add(Gf, Gr, out=G[k:k + tile])
+        else:
+            G[k:k + tile] = Gf
         if ids is not None:
             lo, hi = bisect.bisect_left(ids, k), bisect.bisect_left(ids, k + tile)
             if hi > lo:
