@@ -230,6 +230,7 @@ class Step:
                 sources.append(TokenSource.of(mb.batch, fo, parts.token_weight, mb.forget_index))
             weights.append(parts.weight_values())
             del fo             # the (N, T, V) logits are not needed past this point
+        self._parts_form = None          # (its sites' values are taken)
         if parts.retain is None:
             res.losses["loss_retain"] = float("nan")
         res.weights = torch.cat(weights) if all(w is not None for w in weights) else None
@@ -359,6 +360,7 @@ class Step:
                 cap.keep_training = cap.keep_training or one_pass
                 if one_pass:
                     self._parts_form.arm()
+                    self._parts_form.stream(cap, batch.segments)
                 with ph("backward"):
                     training_backward(cap, backprop or loss.backward)
                 cap.stash = False

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, vjp
 
+from geffect.engine.rules import nonzero_rows
+
 GradRule = Callable[[torch.nn.Module, tuple, torch.Tensor, tuple[str, ...]], dict[str, torch.Tensor]]
 _GRAD_RULES: dict[type, GradRule] = {}
 
@@ -38,7 +40,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _live(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the positions that carry a cotangent (the lm head sees only the answer tokens' loss)."""
-    live = g.abs().amax(-1) > 0                              # (N·T,)
+    live = nonzero_rows(g)                                   # (N·T,)
     if live.float().mean() < 0.6:
         idx = live.nonzero().flatten()
         return a[idx], g[idx]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from geffect.engine.capture import Capture
-from geffect.engine.rules import _CONV1D, live_positions
+from geffect.engine.rules import _CONV1D, live_positions, nonzero_rows
 
 TOL = 1e-3                # |1ᵀM1 − ‖.grad‖²| at most this share of ‖.grad‖², else the matmul form
 CANCEL = 1e-3             # a part's block sum at least this share of Σ|M| over the block, else formed
@@ -112,7 +112,7 @@ class GramRows:
             return idx, False
         if self._dead is not None and (len(self._dead) == 0 or not bool(d[self._dead].any())):
             return self._keep, True
-        live = d.abs().amax(-1) > 0                                                  # (N·T,)
+        live = nonzero_rows(d)                                                       # (N·T,)
         if self._dead is None:
             self._keep, self._dead = live.nonzero().flatten(), (~live).nonzero().flatten()
             return self._keep, True

@@ -3,14 +3,17 @@
 When every part of L weights the NLL uniformly (GA: L_f = −R_u; GD adds L_r = R_r), each part's
 gradient is a constant multiple of its risk's: with per-row factors c_i = ∂L/∂ℓ_i (all equal on a
 split, checked at the NLL), g_f = Σ_{i∈forget} c_i∇ℓ_i = c_f·n_f·∇R_u and g_r = c_r·n_r·∇R_r. The
-training backward, split into its two parts (:class:`~geffect.engine.parts.TwoPassDots`), gives per
-tensor ⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖², and along V = ∇L = g_f + g_r (Wang et al. 2025, Definition 1)
+training backward gives per tensor ⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²: in one pass, its Linear layers'
+weight gradients formed as their two parts (:mod:`geffect.engine.partsform`), or in two passes
+over the two parts' forward chunks (:class:`~geffect.engine.parts.TwoPassDots`, where a Linear
+weight is shared otherwise); and along V = ∇L = g_f + g_r (Wang et al. 2025, Definition 1)
 
     e_u = ∇R_uᵀ∇L = (‖g_f‖² + ⟨g_f, g_r⟩) / (c_f·n_f),   e_r = ∇R_rᵀ∇L = (⟨g_f, g_r⟩ + ‖g_r‖²) / (c_r·n_r).
 
-GA alone has no retain part: the first pass is the retain risk's own backward over the retain
-rows (X = n_r·∇R_r, dropped from ``.grad`` as the loss's gradient Y = g_f arrives), so
-e_u = ‖Y‖²/(c_f·n_f) and e_r = ⟨X, Y⟩/n_r.
+GA alone has no retain part: the backward also carries the retain risk (X = n_r·∇R_r, one pass:
+kept out of ``.grad`` by the parts form; two passes: its own backward over the retain rows first,
+dropped from ``.grad`` as the loss's gradient Y = g_f arrives), so e_u = ‖Y‖²/(c_f·n_f) and
+e_r = ⟨X, Y⟩/n_r.
 
 Summed per layer group, tensor by tensor. A tensor tied between the embedding and the output
 projection is split by use as the per-instance engine splits it: the embedding's share comes from

@@ -29,7 +29,7 @@ from geffect.engine import gram
 from geffect.engine.engine import Captured, Pairs
 from geffect.engine.gradients import grad_rule_for
 from geffect.engine.parts import forget_side
-from geffect.engine.rules import known_dense, rule_for
+from geffect.engine.rules import known_dense, nonzero_rows, rule_for
 
 
 def _select(rec, rows: list[int]):
@@ -200,7 +200,7 @@ class PairsAccumulator:
         mod = self.modules[name]
         if known_dense(mod):                  # every position carries a cotangent (rules.linear_rule)
             return x, g, row
-        live = g.abs().amax(-1) > 0
+        live = nonzero_rows(g)
         if isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
             live &= x != mod.padding_idx
         return x[live], g[live], row[live]

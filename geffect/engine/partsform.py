@@ -1,4 +1,4 @@
-"""The two parts' conflict statistics in the one training backward (group-only GD, ``--no-instances``).
+"""The two parts' per-tensor dot products in the one training backward (``--no-instances``, GA and GD).
 
 L = L_f + L_r where L_f reads the forget-side rows and L_r the retain rows (:mod:`geffect.engine.parts`),
 and rows do not interact in the model, so a Linear layer's weight gradient splits by rows:
@@ -20,6 +20,15 @@ the embedding's parts, kept as U rows, then complete them:
 
 Every other module (norms, an untied embedding) gets its forget part formed from its captured
 cotangents (:func:`geffect.engine.parts.part_scalars`).
+
+GA's loss does not read the retain rows: the backward is that of L + n_r·R_r (the retain rows' mean
+NLLs summed), the Linear layers hand autograd G_f alone (``keep_retain`` off), and afterwards the
+tied weight's retain embedding rows are taken back out of ``.grad`` and every other captured
+module's ``.grad`` is set to its forget part: ``.grad`` ends as ∇L, as the plain step's.
+
+The Linear layers' dots are taken inside the backward (timed as its phase). The output projection
+sums over the positions that carry a cotangent only (its answer positions): exact, and cheaper than
+autograd's product over every position.
 """
 from __future__ import annotations
 
@@ -69,6 +78,7 @@ class PartsForm:
         self.retain = [r] if r.stop > r.start else []
         self.tied_ids = tied_ids                                     # output projection -> (U,) token ids
         self.sites: dict[str, _Site] = {}
+        self.streamed: dict[int, tuple[float, float, float]] = {}   # captured modules' values (stream)
         self.armed = False
         self._handles: list = []
 
@@ -97,6 +107,24 @@ class PartsForm:
             return _PartsLinear.apply(x, mod.weight, mod.bias, output.detach(), site)
         return hook
 
+    def stream(self, cap: Capture, segments: dict[str, slice]) -> None:
+        """Take each captured module's values the moment its gradient completes and free its tensors
+        then (GA: its ``.grad`` set to the forget part then); a tied embedding's stay held, its rows
+        complete the output projection's after the backward (:func:`one_pass_scalars`)."""
+        keep = {_tied_embedding(cap, n, self.linear[n]) for n in self.tied_ids}
+        captured = [Captured(cap, segments, [], [])]
+
+        def done(names: list[str]) -> None:
+            rest = {n: cap.assignment[n] for n in names if n not in keep}
+            if not rest:
+                return
+            stats = part_scalars(self.model, rest, captured)
+            if not self.keep_retain:
+                apply_coefficients(self.model, rest, captured, dict.fromkeys(stats, (1.0, 0.0)))
+            self.streamed |= stats
+            cap.release_modules(list(rest))
+        cap.arm_stream(done)
+
     def statistics(self) -> dict[int, torch.Tensor]:
         """{id(parameter): (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) (3,) float64} of every untied Linear tensor."""
         out = {}
@@ -119,7 +147,7 @@ def one_pass_scalars(model: torch.nn.Module, parts: PartsForm, cap: Capture | No
     for name, ids in parts.tied_ids.items():
         site = parts.sites.get(name)
         mod = parts.linear[name]
-        emb = next(n for n in cap._owners[id(mod.weight)] if n != name)
+        emb = _tied_embedding(cap, name, mod)
         tied_emb.add(emb)
         if site is None or site.rows is None:
             raise RuntimeError(f"the tied output projection {name} took no parts in this backward")
@@ -133,13 +161,20 @@ def one_pass_scalars(model: torch.nn.Module, parts: PartsForm, cap: Capture | No
         ids = list(stats)
         flat = torch.stack([stats[i] for i in ids]).cpu().tolist()        # one host transfer
         out = {i: tuple(v) for i, v in zip(ids, flat)}
-    if cap is not None:
-        rest = {n: cap.assignment[n] for n in cap.modules if n not in tied_emb}
+    out |= parts.streamed
+    if cap is not None:                       # modules still held (not streamed)
+        rest = {n: cap.assignment[n] for n in cap.seen if n not in tied_emb}
         captured = [Captured(cap, segments, [], [])]
-        out |= part_scalars(model, rest, captured)
+        held = part_scalars(model, rest, captured)
         if not parts.keep_retain:             # their .grad holds both parts: keep the forget part alone
-            apply_coefficients(model, rest, captured, {pid: (1.0, 0.0) for pid in out})
+            apply_coefficients(model, rest, captured, dict.fromkeys(held, (1.0, 0.0)))
+        out |= held
     return out
+
+
+def _tied_embedding(cap: Capture, name: str, mod: torch.nn.Module) -> str:
+    """The embedding module that shares the output projection ``name``'s weight."""
+    return next(n for n in cap._owners[id(mod.weight)] if n != name)
 
 
 def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor,

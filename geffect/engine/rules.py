@@ -49,13 +49,19 @@ def known_dense(mod: torch.nn.Module) -> bool:
     return mod in _DENSE
 
 
+def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """(R,) whether each row of x (R, d) has a nonzero entry, from two reductions: no |x| copy (the
+    output projection's cotangent is (N·T, vocabulary), hundreds of MB)."""
+    return (x.amax(-1) != 0) | (x.amin(-1) != 0)
+
+
 def live_positions(mod: torch.nn.Module, g: torch.Tensor) -> torch.Tensor | None:
     """Flat indices (K,) of the positions of g (N, T, out) that carry a cotangent, or None where
     every position is kept: a module whose cotangents are live on most positions is dense (the
     product over every position is exact for any cotangent) and skips this test from then on."""
     if mod in _DENSE:
         return None
-    live = g.reshape(-1, g.shape[-1]).abs().amax(-1) > 0       # (N·T,)
+    live = nonzero_rows(g.reshape(-1, g.shape[-1]))             # (N·T,)
     if live.float().mean() >= 0.6:
         _DENSE.add(mod)
         return None
