@@ -80,6 +80,7 @@ class PartsForm:
         self.sites: dict[str, _Site] = {}
         self.streamed: dict[int, tuple[float, float, float]] = {}   # captured modules' values (stream)
         self.armed = False
+        self._scratch: torch.Tensor | None = None
         self._handles: list = []
 
     def __enter__(self) -> Self:
@@ -106,6 +107,13 @@ class PartsForm:
             self.sites[name] = site
             return _PartsLinear.apply(x, mod.weight, mod.bias, output.detach(), site)
         return hook
+
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of at least ``numel`` elements for the retain part's tile, shared by every layer."""
+        b = self._scratch
+        if b is None or b.dtype != dtype or b.device != device or b.numel() < numel:
+            self._scratch = b = torch.empty(numel, dtype=dtype, device=device)
+        return b
 
     def stream(self, cap: Capture, segments: dict[str, slice]) -> None:
         """Take each captured module's values the moment its gradient completes and free its tensors
@@ -239,7 +247,7 @@ class _PartsLinear(torch.autograd.Function):
             retain = [_position_slices(idx, s, T) for s in owner.retain]
             D, A = _gather(D, idx), _gather(A, idx)        # (K, 1, out), (K, 1, in): a position per "row"
         gw, site.dots["weight"], site.rows = _split_grad(D, A, site.conv1d, forget, retain, site.tied_ids,
-                                                         owner.keep_retain)
+                                                         owner.keep_retain, owner.scratch)
         gb = None
         if ctx.has_bias:
             bf, br = _rows_sum(D, forget), _rows_sum(D, retain)
@@ -249,31 +257,32 @@ class _PartsLinear(torch.autograd.Function):
 
 
 def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[slice], retain: list[slice],
-                tied_ids: torch.Tensor | None, keep_retain: bool = True):
+                tied_ids: torch.Tensor | None, keep_retain: bool, scratch):
     """The weight gradient G = G_f + G_r (G_f alone unless ``keep_retain``), its parts' (⟨G_f, G_r⟩,
-    ‖G_f‖², ‖G_r‖²) (3,) float64 and, for a tied projection, the parts' rows at ``tied_ids``; in tiles
-    of G's rows (``TILE_BYTES``), so the parts never exist whole: one allocation of G, as autograd's,
-    and the dots on cached tiles."""
-    L, R = (A, D) if conv1d else (D, A)                                          # G = Σ L_tᵀ... (rows, cols)
+    ‖G_f‖², ‖G_r‖²) (3,) float64 and, for a tied projection, the parts' rows at ``tied_ids``. In tiles
+    of G's rows (``TILE_BYTES``): G_f is formed in G's own tile, G_r in a buffer from ``scratch(numel,
+    dtype, device)`` (shared by every layer), so the only allocation is G's, as autograd's, and the
+    dots run on cached tiles."""
+    L, R = (A, D) if conv1d else (D, A)                                          # G = Σ_n L_nᵀ R_n (rows, cols)
     rows, cols = L.shape[-1], R.shape[-1]
     tile = max(1, min(rows, TILE_BYTES // (cols * D.element_size())))
     G = torch.empty(rows, cols, dtype=D.dtype, device=D.device)
     dots = torch.zeros(3, dtype=torch.float64, device=D.device)
+    buffer = scratch(tile * cols, D.dtype, D.device)
     ids = tied_ids.tolist() if tied_ids is not None else None                   # sorted, host side
     picked: list[tuple[torch.Tensor, torch.Tensor]] = []
     for k in range(0, rows, tile):
-        Lk = L[..., k:k + tile]
-        Gf, Gr = _part(Lk, R, forget), _part(Lk, R, retain)                      # (tile, cols) each
+        Lk, Gf = L[..., k:k + tile], G[k:k + tile]                              # G_f formed in place
+        _part(Lk, R, forget, Gf)
+        Gr = _part(Lk, R, retain, buffer[:Gf.numel()].view(Gf.shape))           # (tile, cols)
         dots += _three(Gf, Gr)
-        if keep_retain:
-            torch.add(Gf, Gr, out=G[k:k + tile])
-        else:
-            G[k:k + tile] = Gf
         if ids is not None:
             lo, hi = bisect.bisect_left(ids, k), bisect.bisect_left(ids, k + tile)
             if hi > lo:
                 local = tied_ids[lo:hi] - k
                 picked.append((Gf.index_select(0, local).float(), Gr.index_select(0, local).float()))
+        if keep_retain:
+            Gf.add_(Gr)
     tied_rows = None
     if ids is not None:
         tied_rows = tuple(torch.cat([p[j] for p in picked]) if picked else
@@ -281,14 +290,18 @@ def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[sli
     return G, dots, tied_rows
 
 
-def _part(L: torch.Tensor, R: torch.Tensor, rows: list[slice]) -> torch.Tensor:
-    """Σ over the rows ``rows`` of L_nᵀ R_n: (L's width, R's width)."""
-    out = None
-    for s in rows:
-        G = L[s].reshape(-1, L.shape[-1]).T @ R[s].reshape(-1, R.shape[-1])
-        out = G if out is None else out.add_(G)
+def _part(L: torch.Tensor, R: torch.Tensor, rows: list[slice], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over the rows ``rows`` of L_nᵀ R_n (L's width, R's width), into ``out`` when given."""
     if out is None:
-        out = torch.zeros(L.shape[-1], R.shape[-1], dtype=L.dtype, device=L.device)
+        out = torch.empty(L.shape[-1], R.shape[-1], dtype=L.dtype, device=L.device)
+    if not rows:
+        return out.zero_()
+    for j, s in enumerate(rows):
+        Ls, Rs = L[s].reshape(-1, L.shape[-1]), R[s].reshape(-1, R.shape[-1])
+        if j == 0:
+            torch.mm(Ls.T, Rs, out=out)
+        else:
+            out.addmm_(Ls.T, Rs)
     return out
 
 
