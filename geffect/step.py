@@ -35,7 +35,7 @@ from geffect.distributed import SINGLE, World
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, span_of, training_backward
 from geffect.engine.gram import streamed_part_scalars
-from geffect.engine.grouponly import group_effects, split_factors, tied_embeddings
+from geffect.engine.grouponly import group_effects, owners, split_factors, tied_embeddings
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
 from geffect.engine.partsform import _LINEAR as _PARTS_LINEAR
@@ -110,11 +110,7 @@ class Step:
         weight, under gradient checkpointing or across processes (then two passes)."""
         if self.world.active or checkpointing(self.model):
             return None
-        owners: dict[int, list[str]] = {}
-        for n in self.engine.assignment:
-            for p in self.model.get_submodule(n)._parameters.values():
-                if p is not None and p.requires_grad:
-                    owners.setdefault(id(p), []).append(n)
+        owned = owners(self.model, self.engine.assignment)
         out = {}
         for n in self.engine.assignment:
             mod = self.model.get_submodule(n)
@@ -123,7 +119,7 @@ class Step:
             for p in mod._parameters.values():
                 if p is None or not p.requires_grad:
                     continue
-                others = [o for o in owners[id(p)] if o != n]
+                others = [o for o in owned[id(p)] if o != n]
                 if others and (len(others) > 1 or p is not mod.weight
                                or not isinstance(self.model.get_submodule(others[0]), torch.nn.Embedding)):
                     return None
@@ -159,15 +155,12 @@ class Step:
         group_only = (engine is not None and not engine.cfg.instances and due.effects and not due.pairs
                       and direction == "grad" and single and method.group_only_candidate
                       and self._tied() is not None)
-        # group-only: the training backward in two passes, forget part then retain part (each over its
-        # own rows' forward chunk), the conflict statistics and the G-effects from three dots per
-        # tensor as the second arrives. Not with per-instance values: their captured cotangents of the
-        # first pass would be held through the second (no streaming), where the captured path below
-        # streams the conflict statistics at about the same time cost
-        # one forward and one backward, each Linear layer's weight gradient formed as its two parts
+        # group-only: the conflict statistics and the G-effects from three dots per tensor. One forward
+        # and one backward, each Linear layer's weight gradient formed as its two parts
         # (geffect.engine.partsform), every other module's forget part formed from its captured
         # cotangents; GA (the retain risk is not in L): the backward of L + n_r·R_r, the retain part
-        # kept out of .grad. Two passes where a Linear weight is shared otherwise
+        # kept out of .grad. Where a Linear weight is shared otherwise: two passes, forget part then
+        # retain part, each over its own rows' forward chunk (TwoPassDots)
         linear = self._parts_linear() if group_only else None
         self._parts_form = (PartsForm(self.model, linear, micro[0].batch.segments, self._tied_ids(linear, micro[0]),
                                       keep_retain=method.has_retain_part) if linear is not None else None)

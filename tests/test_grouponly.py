@@ -173,3 +173,19 @@ def test_one_pass_equals_two_passes(monkeypatch, spec, tile_bytes):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (kind, k)
         for ga, gb in zip(grads["two-pass"], grads["one-pass"]):
             assert torch.allclose(gb, ga, rtol=1e-5, atol=1e-7), kind
+
+
+def test_a_linear_call_outside_the_parts_form_is_an_error(monkeypatch):
+    """A Linear layer whose call did not take the parts form (its gradient formed by autograd alone)
+    would be missing from the groups' sums: the step says which, instead of returning short sums."""
+    from geffect.engine import partsform
+    model, tok = tied_llama()
+    method = method_of("gd")
+    hook = partsform.PartsForm._hook
+
+    def skip_one(self, name):
+        return (lambda mod, inputs, output: None) if name.endswith("layers.0.mlp.up_proj") else hook(self, name)
+    monkeypatch.setattr(partsform.PartsForm, "_hook", skip_one)
+    step = Step(model, method, None, None, Engine(model, ProfileConfig(instances=False)))
+    with pytest.raises(RuntimeError, match=r"layers\.0\.mlp\.up_proj\.weight has a gradient but took no parts"):
+        step([micro_batch(tok, method, tiny_data(3, 2))], Due(effects=True))

@@ -134,14 +134,19 @@ class PartsForm:
         cap.arm_stream(done)
 
     def statistics(self) -> dict[int, torch.Tensor]:
-        """{id(parameter): (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) (3,) float64} of every untied Linear tensor."""
+        """{id(parameter): (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) (3,) float64} of every untied Linear tensor.
+        Raises where a trainable Linear tensor got a gradient but no parts (its call did not take
+        the parts form): its values would be missing from the groups' sums."""
         out = {}
-        for name, site in self.sites.items():
-            if name in self.tied_ids:
-                continue
-            mod = self.linear[name]
-            for pn, d in site.dots.items():
-                out[id(mod._parameters[pn])] = d
+        for name, mod in self.linear.items():
+            site = self.sites.get(name)
+            for pn, p in mod._parameters.items():
+                if p is None or not p.requires_grad or p.grad is None or name in self.tied_ids:
+                    continue
+                if site is None or pn not in site.dots:
+                    raise RuntimeError(f"{name}.{pn} has a gradient but took no parts in this backward "
+                                       "(its forward did not go through the parts form)")
+                out[id(p)] = site.dots[pn]
         return out
 
 
