@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured
+from geffect.engine.gram import _embedding_rows
 from geffect.engine.parts import apply_coefficients, forget_side, part_scalars
 from geffect.engine.rules import _CONV1D, live_positions
 
@@ -195,18 +196,13 @@ def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor,
     """The tied weight's (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²): the projection's, completed by the
     embedding's parts E_f, E_r as rows at the token ids ``ids`` (U,) (see the module docstring);
     and E_r (U, d)."""
-    mod = cap.modules[emb]
-    (rec,) = cap.seen[emb]
-    tok, e = rec.inputs[0], rec.train                                         # (N, T), (N, T, d)
     H_f, H_r = site.rows                                                      # (U, d) each
     E = []
-    for rows in (parts.forget, parts.retain):
-        acc = torch.zeros(len(ids), e.shape[-1], dtype=torch.float32, device=e.device)
+    for rows in (parts.forget, parts.retain):                                # onto the batch's ids (U,)
+        acc = torch.zeros(len(ids), H_f.shape[-1], dtype=torch.float32, device=H_f.device)
         for s in rows:
-            t, g = tok[s].reshape(-1), e[s].reshape(-1, e.shape[-1]).float()
-            if mod.padding_idx is not None:           # autograd gives the padding row no gradient
-                g = g * (t != mod.padding_idx).unsqueeze(-1)
-            acc.index_add_(0, torch.searchsorted(ids, t), g)
+            tok, e = _embedding_rows(cap, emb, s)                             # (u,), (u, d) of these rows
+            acc.index_add_(0, torch.searchsorted(ids, tok), e.float())
         E.append(acc)
     E_f, E_r = E
     xy, xx, yy = site.dots["weight"]
