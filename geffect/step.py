@@ -250,10 +250,23 @@ class Step:
         res.phases = ph.seconds
         return res
 
-    def _check(self, res: StepResult) -> None:
-        """‖∇L‖ (one pass over the gradients) and whether the loss and the gradient are finite."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        res.grad_norm = self.world.grad_norm(grads)
+    def _check(self, res: StepResult, captured: list[Captured] = ()) -> None:
+        """‖∇L‖ and whether the loss and the gradient are finite. One pass over the gradients, less
+        those whose ‖.grad‖² the engine already took from the finished gradient (streamed Linear layers)."""
+        known, rest = [], []
+        for p in self.params:
+            if p.grad is None:
+                continue
+            sq = None if self.world.active else next(
+                (s for c in captured if (s := c.cap.known_grad_square(p)) is not None), None)
+            (known if sq is not None else rest).append(sq if sq is not None else p.grad)
+        if known:
+            total = torch.stack(known).sum()
+            if rest:
+                total = total + torch.nn.utils.get_total_norm(rest).double().square()
+            res.grad_norm = total.sqrt().item()
+        else:
+            res.grad_norm = self.world.grad_norm(rest)
         if not math.isfinite(res.losses["loss"]):
             res.nonfinite.append("loss")
         if not math.isfinite(res.grad_norm):
@@ -264,7 +277,7 @@ class Step:
         when the loss or the gradient is not finite, unless ``on_nonfinite`` is continue)."""
         ph = self.phases
         with ph("optimizer"):
-            self._check(res)
+            self._check(res, captured)
         probe = engine is not None and due.probe and bool(self.probe)
         snapshot = None
         if engine is not None and direction == "grad":

@@ -7,6 +7,7 @@ from helpers import method_of, micro_batch, models, setup, tiny_data
 from test_gram import perturb
 
 from geffect.engine import Due, Engine, gramrows
+from geffect.engine.capture import Capture
 from geffect.engine.rules import _CONV1D
 from geffect.step import Step
 
@@ -57,15 +58,13 @@ def _linear_names(model) -> set[str]:
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
 def test_gram_form_gives_the_matmul_forms_effects_and_conflicts(monkeypatch, kind, spec):
     """Per-instance, per-group G-effects and every conflict record: Gram form on every eligible layer
-    (GPT-2's Conv1D with biases included; not a tied output projection, and none on GA's chunked
-    rows) against the matmul form."""
+    (GPT-2's Conv1D with biases included, a tied output projection with its embedding's rows, none on
+    GA's chunked rows) against the matmul form."""
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     taken: list[str] = []
     res = {force: profiled(model, tok, spec, force, monkeypatch, taken if force else None)
            for force in (False, True)}
-    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    want = _linear_names(model) - ({"lm_head"} if tied else set())
-    assert set(taken) == (set() if spec == "ga" else want)
+    assert set(taken) == (set() if spec == "ga" else _linear_names(model))
     a, b = res[False].effects[0], res[True].effects[0]
     for split in ("forget", "retain"):
         x, y = getattr(a, split), getattr(b, split)
@@ -194,3 +193,44 @@ def test_pairs_taken_with_the_products_equal_the_pairs_path(monkeypatch, kind, s
     for risk in ("unlearn", "retain"):
         x, y = getattr(res[False].pairs[0], risk), getattr(res[True].pairs[0], risk)
         assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, risk
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tied-llama"])
+def test_profiled_step_reuses_the_gradient_squares_for_the_same_gradient_norm(monkeypatch, kind):
+    """‖∇L‖ of a profiled step (most tensors' ‖.grad‖² taken by the Gram form's check and the conflict
+    statistics, reused) equals the plain step's (every gradient read again)."""
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    method = method_of("npo+gd")
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    mb = micro_batch(tok, method, tiny_data())
+    reused = []
+    known = Capture.known_grad_square
+
+    def spy(self, p):
+        sq = known(self, p)
+        reused.append(sq is not None)
+        return sq
+    monkeypatch.setattr(Capture, "known_grad_square", spy)
+    monkeypatch.setattr(gramrows, "FORCE", True)
+    prof = Step(model, method, ref, ctx, Engine(model))([mb], EFFECTS_AND_CONFLICTS)
+    plain = Step(model, method, ref, ctx)([mb])
+    assert sum(reused) >= len(_linear_names(model)) - 1       # every Linear weight but a tied head's at most
+    assert prof.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+
+
+def test_a_gradient_square_is_not_reused_once_the_gradient_changed(tiny):
+    """The kept ‖.grad‖² belongs to one gradient tensor at one version: an in-place write to it, or a
+    new .grad, makes the capture give nothing."""
+    model = tiny.model
+    p = next(model.parameters())
+    p.grad = torch.ones_like(p)
+    cap = Capture(model, {})
+    assert cap.grad_square(p).item() == p.numel()
+    assert cap.known_grad_square(p).item() == p.numel()
+    p.grad.mul_(2)
+    assert cap.known_grad_square(p) is None
+    assert cap.grad_square(p).item() == 4 * p.numel()
+    p.grad = torch.ones_like(p)
+    assert cap.known_grad_square(p) is None
+    p.grad = None

@@ -59,6 +59,7 @@ class Capture:
         self.streamed: dict[str, torch.Tensor] = {}  # per-row inner products already taken, per group
         self.part_stats: dict[int, tuple] = {}       # id(param) -> the parts' statistics taken in Gram form (gramrows)
         self.pair_products: dict[str, torch.Tensor] = {}  # module -> its Fig. 5b pairs (n_f, 2) taken in Gram form
+        self.grad_squares: dict[int, tuple] = {}     # id(param) -> (its .grad, that tensor's version, ‖.grad‖²)
         self._owners: dict[int, list[str]] = {}
         for name, mod in self.modules.items():
             for p in mod._parameters.values():
@@ -143,9 +144,28 @@ class Capture:
             for rec in self.seen.pop(n, []):
                 rec.inputs, rec.output, rec.grad, rec.train = (), None, None, None
 
+    def grad_square(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """‖p.grad‖² (float64, 0-dim), kept with the gradient's version counter: the step's gradient
+        norm reuses it (:meth:`known_grad_square`) instead of another pass over the gradient."""
+        g = p.grad
+        hit = self.grad_squares.get(id(p))
+        if hit is not None and hit[0] is g and hit[1] == g._version:
+            return hit[2]
+        sq = squared_norm(g)
+        self.grad_squares[id(p)] = (g, g._version, sq)
+        return sq
+
+    def known_grad_square(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """‖p.grad‖² if taken from this very gradient and nothing has written to it since, else None."""
+        hit = self.grad_squares.get(id(p))
+        if hit is None or p.grad is None or hit[0] is not p.grad or hit[1] != p.grad._version:
+            return None
+        return hit[2]
+
     def release(self) -> None:
         """Drop every captured tensor (call once the step's values are computed)."""
         self.seen.clear()
+        self.grad_squares = {}
         self.streamed = {}
         self.part_stats = {}
         self.pair_products = {}
@@ -230,3 +250,9 @@ class Capture:
                 acc += vals
             else:
                 acc.index_add_(0, dest, vals)
+
+
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖² as a float64 0-dim tensor (one dot product in x's dtype; no copy)."""
+    x = x.reshape(-1)
+    return torch.dot(x, x).double()

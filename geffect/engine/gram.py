@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from geffect.engine.capture import Capture
+from geffect.engine.capture import Capture, squared_norm
 from geffect.engine.engine import Captured
-from geffect.engine.gramrows import _FAST_DTYPES, _sq
+from geffect.engine.gramrows import _FAST_DTYPES, embedding_rows
 from geffect.engine.parts import part_scalars
 from geffect.engine.rules import live_positions
 
@@ -74,7 +74,7 @@ def streamed_part_scalars(model: torch.nn.Module, names: list[str], cap: Capture
                     for part, s in rows.items()}
             weight = cap.modules[unit[0]].weight
             with torch.no_grad():
-                stats = _unit_scalars(cap, unit, rows, dots, weight.grad)
+                stats = _unit_scalars(cap, unit, rows, dots, weight)
             if stats is not None:
                 out[id(weight)] = stats
                 rest -= set(unit)
@@ -113,7 +113,7 @@ def _units(model, names: list[str], cap: Capture) -> list[tuple[str, ...]]:
 
 
 def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], dots: dict[str, torch.Tensor],
-                  grad: torch.Tensor) -> tuple[float, float, float] | None:
+                  weight: torch.nn.Parameter) -> tuple[float, float, float] | None:
     """(⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²) of one unit's weight, or None where the difference would cancel.
     The part formed (X) is the one less aligned with g (smaller |⟨g_X, g⟩|): the other, Y = g − X,
     then carries most of g and ‖Y‖² = ‖g‖² − 2⟨g_X, g⟩ + ‖g_X‖² does not cancel."""
@@ -121,10 +121,10 @@ def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], d
     a, d = _positions(cap, unit[0], rows[x])                         # (K, in), (K, out)
     sq_x = _outer_sum_sq(d, a)
     if len(unit) == 2:                                                # + the tied embedding's rows
-        ids, E = _embedding_rows(cap, unit[1], rows[x])               # (U,), (U, in)
+        ids, E = embedding_rows(cap, unit[1], rows[x])               # (U,), (U, in)
         cross = (d[:, ids].to(E.dtype) * (a.to(E.dtype) @ E.T)).sum()  # ⟨H_X, E_X⟩
-        sq_x = sq_x + 2 * cross.double() + _sq(E)
-    sq_g, dot_xg = _sq(grad), dots[x]
+        sq_x = sq_x + 2 * cross.double() + squared_norm(E)
+    sq_g, dot_xg = cap.grad_square(weight), dots[x]
     sq_y = sq_g - 2 * dot_xg + sq_x
     if sq_y < CANCEL_SQ * (sq_g + 2 * dot_xg.abs() + sq_x):
         return None
@@ -153,18 +153,4 @@ def _outer_sum_sq(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         s = P.double().sum()
         if s >= CANCEL_GRAM * P.abs().double().sum():
             return s
-    return _sq(d.T @ a)
-
-
-def _embedding_rows(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """E_X compactly: the distinct token ids of rows ``f`` and Σ of their cotangents per id (the
-    padding row receives none). -> (U,), (U, d)"""
-    mod, rec = cap.modules[name], cap.seen[name][0]
-    ids = rec.inputs[0][f].reshape(-1)
-    e = rec.grad[f].reshape(-1, rec.grad.shape[-1])
-    if mod.padding_idx is not None:
-        keep = ids != mod.padding_idx
-        ids, e = ids[keep], e[keep]
-    rows, inverse = torch.unique(ids, return_inverse=True)
-    E = torch.zeros(len(rows), e.shape[-1], dtype=e.dtype, device=e.device).index_add_(0, inverse, e)
-    return rows, E
+    return squared_norm(d.T @ a)

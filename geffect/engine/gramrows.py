@@ -18,6 +18,10 @@ the reuse path are the training ones scaled per row (g_t = δ_t/c_t), so a forge
 is Σ_{s∈i} Σ_{t∈R} M_st /(c_t·n_R) over the forget-side positions s of instance i and the risk
 R's rows t (forget rows for R_u, retain rows for R_r).
 
+An output projection tied to the input embedding has ∇L_W = Σ_s δ_s a_sᵀ + E, E the embedding's
+cotangents summed per token id (U compact rows): p_i gains Σ_{t∈i} Σ_u δ_t[id_u] (a_t·E_u), and
+‖.grad‖² = 1ᵀM1 + 2⟨ΣΔAᵀ, E⟩ + ‖E‖² (its parts' statistics stay :mod:`geffect.engine.gram`'s).
+
 Each layer checks the identity it rests on: 1ᵀ M 1 must equal ‖.grad‖² (to TOL). A layer whose
 gradient holds anything else (its weight used outside the module, a hook writing to ``.grad``)
 or whose Gram sums cancel fails it and takes the matmul form; statistics whose block sums cancel
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from geffect.engine.capture import Capture
+from geffect.engine.capture import Capture, squared_norm
 from geffect.engine.rules import _CONV1D, live_positions, nonzero_rows
 
 TOL = 1e-3                # |1ᵀM1 − ‖.grad‖²| at most this share of ‖.grad‖², else the matmul form
@@ -92,15 +96,33 @@ class GramRows:
         if not isinstance(mod, _LINEAR) or cap.row_scale is None:
             return False
         params = [p for p in mod._parameters.values() if p is not None and p.requires_grad]
-        if not any(p is mod.weight for p in params) or any(p.grad is None or cap._owners.get(id(p)) != [name]
-                                                         or p.dtype not in _FAST_DTYPES for p in params):
+        if not any(p is mod.weight for p in params) or any(
+                p.grad is None or p.dtype not in _FAST_DTYPES
+                or cap._owners.get(id(p)) != [name] and not (p is mod.weight and self._tied_to(name))
+                for p in params):
             return False
-        recs = cap.seen.get(name, [])
+        return self._one_record(name)
+
+    def _one_record(self, name: str) -> bool:
+        """One forward over every row, its cotangents captured (float32/64)."""
+        recs = self.cap.seen.get(name, [])
         if len(recs) != 1:
             return False
         rec = recs[0]
         return (rec.rows is None and rec.grad is not None and rec.grad.dtype in _FAST_DTYPES
                 and torch.is_tensor(rec.inputs[0]) and self.span.stop <= rec.grad.shape[0])
+
+    def _tied_to(self, name: str) -> str | None:
+        """The input embedding whose weight this output projection shares (its gradient then holds
+        the embedding's rows too), if its record is at hand; not while the Fig. 5b pairs are due
+        (their tied term is the pairs path's)."""
+        mod, cap = self.cap.modules[name], self.cap
+        owners = cap._owners.get(id(mod.weight), [])
+        if self._pairs is not None or not isinstance(mod, torch.nn.Linear) or len(owners) != 2 or name not in owners:
+            return None
+        emb = owners[0] if owners[1] == name else owners[1]
+        ok = isinstance(cap.modules[emb], torch.nn.Embedding) and self._one_record(emb)
+        return emb if ok else None
 
     def _positions(self, mod: torch.nn.Module, g: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The flat positions (K,) to sum over and whether they are the step's shared set: a layer
@@ -140,7 +162,11 @@ class GramRows:
         a, d = x.reshape(-1, d_in), g.reshape(-1, d_out)                 # (N·T, in), (N·T, out)
         idx, shared = self._positions(mod, g.reshape(N, T, d_out), d)
         K = len(idx)
-        if shared:                # one choice for all layers reading this input
+        emb = self._tied_to(name)
+        if emb is not None:       # a tied output projection: + its embedding's U compact rows
+            ids, E = embedding_rows(cap, emb, slice(None))                          # (U,), (U, in)
+            use = not shared and self._cheaper(K * K * (d_in + d_out) + K * len(ids) * d_in, K * d_in * d_out)
+        elif shared:              # one choice for all layers reading this input
             if id(x) not in self._choice:
                 outs = self._outs.get(id(x), [d_out])
                 self._choice[id(x)] = self._cheaper(K * K * (d_in + sum(outs)),
@@ -162,6 +188,9 @@ class GramRows:
                 self.input_grams += 1
                 if shared and len(self._outs.get(id(x), ())) > 1:
                     self._gram_a[id(x)] = (x, idx, Ga)
+            # tied (never shared: a is gathered): .grad = H + E with E = Σ_u onehot(id_u) E_uᵀ, so
+            # per position δ_tᵀ E a_t = Σ_u δ_t[id_u] (a_t·E_u)
+            cross = (d[:, ids].to(E.dtype) * (a.to(E.dtype) @ E.T)).sum(1) if emb is not None else None   # (K,)
             Gd = d @ d.T                                                             # (K, K) δ_t·δ_s
             r = ((row >= self.retain.start) & (row < self.retain.stop)).to(Gd.dtype)
             B = torch.stack([1 - r, r], 1)                                           # (K, 2) forget side, retain
@@ -175,14 +204,18 @@ class GramRows:
                 M = Gd if pn == "bias" else Gd.mul_(Ga)                              # (K, K) M_ts
                 P = (M @ B).double()                                                 # (K, 2) Σ_s over each part
                 blocks = B.T.double() @ P                                            # (2, 2) 1_Xᵀ M 1_Y
-                sq = _sq(p.grad)
-                if not (blocks.sum() - sq).abs() <= TOL * sq:
+                sq = self.cap.grad_square(p)
+                total, per_position = blocks.sum(), P.sum(1)
+                if cross is not None and pn == "weight":    # ‖H + E‖² = 1ᵀM1 + 2⟨H, E⟩ + ‖E‖²
+                    total = total + 2 * cross.double().sum() + squared_norm(E)
+                    per_position = per_position + cross.double()
+                if not (total - sq).abs() <= TOL * sq:
                     return False
-                vals.index_add_(0, row, P.sum(1))                                    # Σ_{t∈i} Σ_s M_ts
+                vals.index_add_(0, row, per_position)                               # Σ_{t∈i} (Σ_s M_ts + δ_tᵀE a_t)
                 if self._pairs is not None:
                     w = self._pairs[1][row].to(M.dtype)                              # (K, 2) 1/(c_t·n_R) on R's rows
                     pair_sums = M @ w if pair_sums is None else pair_sums + M @ w
-                if self.want_stats:
+                if self.want_stats and cross is None:       # (a tied weight's: gram's unit statistics)
                     mags = B.T @ (M.abs() @ B)                                       # (2, 2) Σ|M| per block
                     if blocks[0, 0] >= CANCEL * mags[0, 0] and blocks[1, 1] >= CANCEL * mags[1, 1]:
                         stats[id(p)] = (blocks[0, 1].item(), blocks[0, 0].item(), blocks[1, 1].item())
@@ -220,6 +253,15 @@ def _out_features(mod: torch.nn.Module) -> int:
     return mod.weight.shape[0] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[1]   # Conv1D: (in, out)
 
 
-def _sq(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1)
-    return torch.dot(x, x).double()
+def embedding_rows(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_X compactly: the distinct token ids of rows ``f`` and Σ of their cotangents per id (the
+    padding row receives none). -> (U,), (U, d)"""
+    mod, rec = cap.modules[name], cap.seen[name][0]
+    ids = rec.inputs[0][f].reshape(-1)
+    e = rec.grad[f].reshape(-1, rec.grad.shape[-1])
+    if mod.padding_idx is not None:
+        keep = ids != mod.padding_idx
+        ids, e = ids[keep], e[keep]
+    rows, inverse = torch.unique(ids, return_inverse=True)
+    E = torch.zeros(len(rows), e.shape[-1], dtype=e.dtype, device=e.device).index_add_(0, inverse, e)
+    return rows, E

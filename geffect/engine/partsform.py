@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured
-from geffect.engine.gram import _embedding_rows
+from geffect.engine.gramrows import embedding_rows
 from geffect.engine.parts import apply_coefficients, forget_side, part_scalars
 from geffect.engine.rules import _CONV1D, live_positions
 
@@ -201,7 +201,7 @@ def _tied_dots(site: _Site, cap: Capture, emb: str, ids: torch.Tensor,
     for rows in (parts.forget, parts.retain):                                # onto the batch's ids (U,)
         acc = torch.zeros(len(ids), H_f.shape[-1], dtype=torch.float32, device=H_f.device)
         for s in rows:
-            tok, e = _embedding_rows(cap, emb, s)                             # (u,), (u, d) of these rows
+            tok, e = embedding_rows(cap, emb, s)                             # (u,), (u, d) of these rows
             acc.index_add_(0, torch.searchsorted(ids, tok), e.float())
         E.append(acc)
     E_f, E_r = E
