@@ -150,25 +150,53 @@ def test_padding_changes_nothing_in_gram_form(monkeypatch, kind):
 
 
 def test_positions_are_the_steps_live_set_unless_a_layer_has_more():
-    """The first dense layer fixes the step's live positions; a later dense layer with a cotangent at
-    one of the dead positions takes its own live set (not shared), a sparse layer always its own."""
+    """The first dense layer fixes the step's live positions; a later dense layer gets that shared set
+    with its cotangents at the dead positions to be read (the check), and with ``own`` its own live
+    set; a sparse layer always its own."""
     rows = object.__new__(gramrows.GramRows)
     rows._keep = rows._dead = None
     g = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
     g[1, 3] = 0                                                    # one dead position (padding)
-    idx, shared = rows._positions(torch.nn.Linear(5, 3), g, g.reshape(-1, 3))
-    assert shared and idx.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    idx, shared, check = rows._positions(torch.nn.Linear(5, 3), g, g.reshape(-1, 3))
+    assert shared and idx.tolist() == [0, 1, 2, 3, 4, 5, 6] and check is None
     h = g.clone()
     h[0, 2] = 0                                                    # a subset of the live set: shared
-    idx, shared = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
-    assert shared and idx is rows._keep
+    idx, shared, check = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
+    assert shared and idx is rows._keep and not bool(check)
     h[1, 3] = 1.0                                                  # live where the step's set is dead
-    idx, shared = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
-    assert not shared and idx.tolist() == [0, 1, 3, 4, 5, 6, 7]
+    idx, shared, check = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
+    assert shared and bool(check)                                  # -> taken again with its own
+    idx, shared, check = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3), own=True)
+    assert not shared and idx.tolist() == [0, 1, 3, 4, 5, 6, 7] and check is None
     s = torch.zeros(2, 4, 3)
     s[0, 1] = 1.0                                                  # position-local (1 of 8): its own
-    idx, shared = rows._positions(torch.nn.Linear(5, 3), s, s.reshape(-1, 3))
-    assert not shared and idx.tolist() == [1]
+    idx, shared, check = rows._positions(torch.nn.Linear(5, 3), s, s.reshape(-1, 3))
+    assert not shared and idx.tolist() == [1] and check is None
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+def test_a_layer_live_where_the_shared_set_is_dead_is_taken_with_its_own_positions(monkeypatch, kind):
+    """If the step's shared positions miss one where a layer has a cotangent (here: one live position
+    moved into the dead set after the first dense layer), that layer is taken again over its own
+    positions, and the G-effects still equal the matmul form's."""
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    positions = gramrows.GramRows._positions
+    redone = []
+
+    def tampered(self, mod, g, d, own=False):
+        out = positions(self, mod, g, d, own)
+        if self._dead is not None and len(self._keep) > 1 and not hasattr(self, "_moved"):
+            self._moved = self._keep[0]
+            self._keep, self._dead = self._keep[1:], torch.cat([self._dead, self._keep[:1]])
+        redone.append(own)
+        return out
+    want = profiled(model, tok, "npo+gd", False, monkeypatch)
+    monkeypatch.setattr(gramrows.GramRows, "_positions", tampered)
+    got = profiled(model, tok, "npo+gd", True, monkeypatch)
+    assert any(redone)
+    for split in ("forget", "retain"):
+        x, y = getattr(want.effects[0], split), getattr(got.effects[0], split)
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, split
 
 
 @pytest.mark.parametrize("spec", ["gd", "npo+gd", "idkdpo+gd"])

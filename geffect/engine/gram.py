@@ -117,7 +117,8 @@ def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], d
     """(⟨g_f, g_r⟩, ‖g_f‖², ‖g_r‖²) of one unit's weight, or None where the difference would cancel.
     The part formed (X) is the one less aligned with g (smaller |⟨g_X, g⟩|): the other, Y = g − X,
     then carries most of g and ‖Y‖² = ‖g‖² − 2⟨g_X, g⟩ + ‖g_X‖² does not cancel."""
-    x = min(dots, key=lambda part: dots[part].abs().item())
+    parts = list(dots)
+    x = parts[int(torch.stack([dots[k].abs() for k in parts]).argmin())]     # (one host transfer)
     a, d = _positions(cap, unit[0], rows[x])                         # (K, in), (K, out)
     sq_x = _outer_sum_sq(d, a)
     if len(unit) == 2:                                                # + the tied embedding's rows
@@ -126,10 +127,10 @@ def _unit_scalars(cap: Capture, unit: tuple[str, ...], rows: dict[str, slice], d
         sq_x = sq_x + 2 * cross.double() + squared_norm(E)
     sq_g, dot_xg = cap.grad_square(weight), dots[x]
     sq_y = sq_g - 2 * dot_xg + sq_x
-    if sq_y < CANCEL_SQ * (sq_g + 2 * dot_xg.abs() + sq_x):
+    dot_xy, sq_x, sq_y, terms = torch.stack([dot_xg - sq_x, sq_x, sq_y, sq_g + 2 * dot_xg.abs() + sq_x]).tolist()
+    if sq_y < CANCEL_SQ * terms:
         return None
-    dot_xy = (dot_xg - sq_x).item()
-    return (dot_xy, sq_x.item(), sq_y.item()) if x == "forget" else (dot_xy, sq_y.item(), sq_x.item())
+    return (dot_xy, sq_x, sq_y) if x == "forget" else (dot_xy, sq_y, sq_x)
 
 
 def _positions(cap: Capture, name: str, f: slice) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,21 +124,24 @@ class GramRows:
         ok = isinstance(cap.modules[emb], torch.nn.Embedding) and self._one_record(emb)
         return emb if ok else None
 
-    def _positions(self, mod: torch.nn.Module, g: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The flat positions (K,) to sum over and whether they are the step's shared set: a layer
-        with cotangents on most positions takes every position that carries one in this step
-        (found once: the padding carries none in any layer, checked per layer on those positions
-        alone), one with position-local cotangents (the output projection) its own."""
+    def _positions(self, mod: torch.nn.Module, g: torch.Tensor, d: torch.Tensor,
+                   own: bool = False) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """The flat positions (K,) to sum over, whether they are the step's shared set, and the check
+        still to read on the host, if any: a layer with cotangents on most positions takes every
+        position that carries one in this step (found once: the padding carries none in any layer,
+        checked per layer on those positions alone, ``d[dead].any()``, read with the layer's other
+        values; if it holds, the layer is taken again with ``own`` positions), one with
+        position-local cotangents (the output projection) its own."""
         idx = live_positions(mod, g)
         if idx is not None:
-            return idx, False
-        if self._dead is not None and (len(self._dead) == 0 or not bool(d[self._dead].any())):
-            return self._keep, True
+            return idx, False, None
+        if self._dead is not None and not own:
+            return self._keep, True, (d[self._dead].any() if len(self._dead) else None)
         live = nonzero_rows(d)                                                       # (N·T,)
         if self._dead is None:
             self._keep, self._dead = live.nonzero().flatten(), (~live).nonzero().flatten()
-            return self._keep, True
-        return live.nonzero().flatten(), False
+            return self._keep, True, None
+        return live.nonzero().flatten(), False, None
 
     def _matmul_cost(self, K: int, N: int, d_in: int, d_out: int) -> float:
         """Multiply-adds of the matmul form: the per-row products, plus the retain part's norm in
@@ -153,14 +156,14 @@ class GramRows:
     def _cheaper(gram_cost: float, matmul_cost: float) -> bool:
         return FORCE if FORCE is not None else gram_cost < matmul_cost
 
-    def _take(self, name: str, products: dict[str, torch.Tensor]) -> bool:
+    def _take(self, name: str, products: dict[str, torch.Tensor], own: bool = False) -> bool:
         cap, mod = self.cap, self.cap.modules[name]
         rec = cap.seen[name][0]
         x, g = rec.inputs[0], rec.grad                                   # (N, T, in), (N, T, out)
         N, d_in, d_out = g.shape[0], x.shape[-1], g.shape[-1]
         T = g.numel() // (N * d_out)
         a, d = x.reshape(-1, d_in), g.reshape(-1, d_out)                 # (N·T, in), (N·T, out)
-        idx, shared = self._positions(mod, g.reshape(N, T, d_out), d)
+        idx, shared, unchecked = self._positions(mod, g.reshape(N, T, d_out), d, own)
         K = len(idx)
         emb = self._tied_to(name)
         if emb is not None:       # a tied output projection: + its embedding's U compact rows
@@ -209,16 +212,25 @@ class GramRows:
                 if cross is not None and pn == "weight":    # ‖H + E‖² = 1ᵀM1 + 2⟨H, E⟩ + ‖E‖²
                     total = total + 2 * cross.double().sum() + squared_norm(E)
                     per_position = per_position + cross.double()
-                if not (total - sq).abs() <= TOL * sq:
+                # what the host decides on, in one transfer (each is a device sync on an accelerator):
+                # the identity check, and the statistics with their blocks' magnitudes
+                want = self.want_stats and cross is None     # (a tied weight's: gram's unit statistics)
+                mags = (B.T @ (M.abs() @ B)).double().reshape(-1) if want else blocks.new_zeros(4)   # Σ|M| per block
+                dead = unchecked.double() if unchecked is not None else blocks.new_zeros(())
+                unchecked = None
+                err, bound, xy, ff, rr, m_ff, m_rr, dead = torch.cat([
+                    torch.stack([(total - sq).abs(), TOL * sq, blocks[0, 1], blocks[0, 0], blocks[1, 1]]),
+                    mags[[0, 3]], dead[None]]).tolist()
+                if dead:              # a cotangent where the step's shared set has none: own positions
+                    return self._take(name, products, own=True)
+                if not err <= bound:
                     return False
                 vals.index_add_(0, row, per_position)                               # Σ_{t∈i} (Σ_s M_ts + δ_tᵀE a_t)
                 if self._pairs is not None:
                     w = self._pairs[1][row].to(M.dtype)                              # (K, 2) 1/(c_t·n_R) on R's rows
                     pair_sums = M @ w if pair_sums is None else pair_sums + M @ w
-                if self.want_stats and cross is None:       # (a tied weight's: gram's unit statistics)
-                    mags = B.T @ (M.abs() @ B)                                       # (2, 2) Σ|M| per block
-                    if blocks[0, 0] >= CANCEL * mags[0, 0] and blocks[1, 1] >= CANCEL * mags[1, 1]:
-                        stats[id(p)] = (blocks[0, 1].item(), blocks[0, 0].item(), blocks[1, 1].item())
+                if want and ff >= CANCEL * m_ff and rr >= CANCEL * m_rr:
+                    stats[id(p)] = (xy, ff, rr)
         self.cap.part_stats |= stats
         if pair_sums is not None:
             owner, _, n_f = self._pairs

@@ -121,14 +121,14 @@ def part_scalars(model, assignment, captured, world=None) -> dict[int, tuple[flo
                 Gf = world.reduce_part(p, Gf)
             f = Gf.reshape(-1)
             g = (world.local(p.grad) if world is not None else p.grad).reshape(-1)
-            acc = [0.0, 0.0, 0.0]
+            host = f.device.type == "mps"              # no float64 there: summed on the host as they come
+            acc = torch.zeros(3, dtype=torch.float64, device="cpu" if host else f.device)
             for k in range(0, f.numel(), CHUNK):      # g_r in pieces: no second full-size temporary
                 fk = _f32(f[k:k + CHUNK])
                 rk = _f32(g[k:k + CHUNK]) - fk
-                acc[0] += torch.dot(fk, rk).item()
-                acc[1] += torch.dot(fk, fk).item()
-                acc[2] += torch.dot(rk, rk).item()
-            out[id(p)] = tuple(acc)
+                dots = torch.stack([torch.dot(fk, rk), torch.dot(fk, fk), torch.dot(rk, rk)])
+                acc += dots.cpu().double() if host else dots.double()
+            out[id(p)] = tuple(acc.tolist())           # one host transfer per tensor
     if world is not None and world.sharded and out:
         flat = world.sum_floats([v for acc in out.values() for v in acc])
         out = {pid: tuple(flat[3 * k:3 * k + 3]) for k, pid in enumerate(out)}
