@@ -95,10 +95,18 @@ class Reference:
     # ---- the cache ------------------------------------------------------------------------------
 
     @staticmethod
-    def _key(batch, i: int) -> tuple:
-        n = int(batch.attention_mask[i].sum())
-        prompt = int((batch.labels[i, :n] == -100).sum())
-        return prompt, *batch.input_ids[i, :n].tolist()
+    def _keys(batch, rows: list[int]) -> list[tuple]:
+        """Each row's cache key: (prompt length, its n token ids), n = its attention mask's sum. One
+        host transfer for all rows (each read is a device sync on an accelerator)."""
+        if not rows:
+            return []
+        idx = torch.tensor(rows, device=batch.input_ids.device)
+        ids = batch.input_ids[idx]                                                    # (R, T)
+        n = batch.attention_mask[idx].sum(1)                                          # (R,)
+        inside = torch.arange(ids.shape[1], device=ids.device)[None, :] < n[:, None]  # (R, T)
+        prompt = ((batch.labels[idx] == -100) & inside).sum(1)                       # (R,)
+        host = torch.cat([n[:, None], prompt[:, None], ids], 1).tolist()
+        return [(r[1], *r[2:2 + r[0]]) for r in host]
 
     def fill_cache(self, tok, pairs: list[tuple[str, str]], max_length: int, batch_size: int = 16,
                    fmt="chat") -> int:
@@ -116,9 +124,8 @@ class Reference:
         if logits is None:
             logits, _ = self._run(batch, rows, None)
         nll, _ = fn.token_nll(logits, batch.labels[rows])
-        for j, i in enumerate(rows):
-            n = int(batch.attention_mask[i].sum())
-            self.cache[self._key(batch, i)] = nll[j, :n - 1].clone()
+        for j, key in enumerate(self._keys(batch, rows)):
+            self.cache[key] = nll[j, :len(key) - 2].clone()                 # key: (prompt, n ids) -> n - 1 NLLs
 
     def drop_model(self) -> None:
         """Free θ_o once everything it will be asked for is cached."""
@@ -133,7 +140,8 @@ class Reference:
         seg_rows = {s: list(range(batch.segments[s].start, batch.segments[s].stop))
                     for s in (*logit_segments, *hidden_segments)}
         todo = sorted({i for rows in seg_rows.values() for i in rows})
-        missing = nll_rows if self.cache is None else [i for i in nll_rows if self._key(batch, i) not in self.cache]
+        keys = dict(zip(nll_rows, self._keys(batch, nll_rows))) if self.cache is not None else {}
+        missing = nll_rows if self.cache is None else [i for i in nll_rows if keys[i] not in self.cache]
         run = sorted(set(todo) | set(missing))
         logits = hidden = None
         if run:
@@ -151,7 +159,7 @@ class Reference:
                     out.nll[missing] = nll
             if self.cache is not None:
                 for i in nll_rows:
-                    v = self.cache[self._key(batch, i)]
+                    v = self.cache[keys[i]]
                     out.nll[i, :len(v)] = v
         for s in logit_segments:        # a segment without rows (a measure micro-batch) gets nothing
             if seg_rows[s]:
