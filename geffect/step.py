@@ -35,7 +35,9 @@ from geffect.distributed import SINGLE, World
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, span_of, training_backward
 from geffect.engine.gram import streamed_part_scalars
+from geffect.engine import instanceform
 from geffect.engine.grouponly import group_effects, owners, split_factors, tied_embeddings
+from geffect.engine.instanceform import InstanceForm, eligible_linear
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
 from geffect.engine.partsform import _LINEAR as _PARTS_LINEAR
@@ -92,6 +94,8 @@ class Step:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._capturer = engine       # PCGrad without profiling captures through an engine of its own
         self._groups_of: dict[int, str] | None = None
+        self._parts_form = self._instance_form = None
+        self._instance_layers: dict[str, torch.nn.Module] | None = None
 
     def capturer(self) -> Engine:
         if self._capturer is None:
@@ -125,6 +129,12 @@ class Step:
                     return None
             out[n] = mod
         return out or None
+
+    def _instance_linear(self) -> dict[str, torch.nn.Module]:
+        """The engine's Linear layers for the instance form (see :func:`geffect.engine.instanceform.eligible_linear`)."""
+        if self._instance_layers is None:
+            self._instance_layers = eligible_linear(self.model, self.engine.assignment)
+        return self._instance_layers
 
     def _tied_ids(self, linear: dict[str, torch.nn.Module] | None, mb: MicroBatch) -> dict[str, torch.Tensor]:
         """Output projection tied to an input embedding -> the batch's distinct token ids (U,), sorted."""
@@ -185,6 +195,11 @@ class Step:
         # (not across processes: a module's .grad is complete only after the gradient reduction)
         stream = (engine is not None and not group_only and engine.cfg.stream and due.effects and direction == "grad"
                   and len(micro) == 1 and not method.pcgrad and not self.world.active)
+        # streamed along ∇L on the reuse path: the Linear layers' per-row products formed in the training
+        # backward itself (geffect.engine.instanceform; not while the pairs are due: theirs are gramrows')
+        self._instance_form = (InstanceForm(self._instance_linear(), micro[0].batch.segments["retain"], parts_due)
+                               if stream and not due.pairs and instanceform.ENABLED and not checkpointing(self.model)
+                               else None)
         scalars: dict[int, tuple] = {}
         pairs: list[PairsAccumulator] = []
         if optimizer is not None:
@@ -196,7 +211,8 @@ class Step:
         res = StepResult(dict.fromkeys(("loss", "loss_forget", "loss_retain", "nll_forget", "nll_retain"), 0.0), None)
         captured, sources, weights, factors = [], [], [], []
         for mb in micro:
-            with self._parts_form if self._parts_form is not None else nullcontext():
+            form = self._parts_form or self._instance_form
+            with form if form is not None else nullcontext():
                 parts, fo, cap = self._micro_step(mb, len(micro), None if group_only else engine, capturer, retain_chunk,
                                                   keep_training, res, stream,
                                                   scalars if stream and parts_due else None,
@@ -223,7 +239,7 @@ class Step:
                 sources.append(TokenSource.of(mb.batch, fo, parts.token_weight, mb.forget_index))
             weights.append(parts.weight_values())
             del fo             # the (N, T, V) logits are not needed past this point
-        self._parts_form = None          # (its sites' values are taken)
+        self._parts_form = self._instance_form = None          # (their sites' values are taken)
         if parts.retain is None:
             res.losses["loss_retain"] = float("nan")
         res.weights = torch.cat(weights) if all(w is not None for w in weights) else None
@@ -357,7 +373,8 @@ class Step:
                 with ph("backward"):
                     res.path = engine.backward(cap, fo, loss, method.reuse_candidate, backprop=backprop,
                                                stream=stream, on_modules=on_modules, phases=ph,
-                                               parts_stats=scalars is not None, pairs=acc is not None)
+                                               parts_stats=scalars is not None, pairs=acc is not None,
+                                               form=self._instance_form)
             elif cap is not None:
                 # group-only: the tied embeddings' cotangents (two passes); every captured module's
                 # training cotangents (one pass), the Linear layers' parts formed in the backward

@@ -51,7 +51,9 @@ def test_streamed_inner_products_equal_those_taken_after_the_backward(tiny, spec
     res = {stream: engine_step(model, method, mb, ref, ProfileConfig(stream=stream), ctx)[1] for stream in (True, False)}
     for split in ("forget", "retain"):
         a, b = per_split(res[True])[split], per_split(res[False])[split]
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), (spec, split)
+        # float32 sums in another order (the streamed Linear layers' instance or Gram form): up to
+        # ~1e-5 of a value (the Gram form reaches 7e-6 on tiny-gpt2's IdkDPO)
+        assert torch.allclose(a, b, rtol=2e-5, atol=1e-9), (spec, split)
 
 
 @pytest.mark.parametrize("spec", ["npo+gd", "ga"])

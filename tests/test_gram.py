@@ -9,7 +9,7 @@ from helpers import method_of, micro_batch, models, setup, tiny_data
 from transformers.pytorch_utils import Conv1D
 
 import geffect.step
-from geffect.engine import Due, Engine, gram, gramrows
+from geffect.engine import Due, Engine, gram, gramrows, instanceform
 from geffect.engine.engine import Captured
 from geffect.engine.parts import part_scalars
 from geffect.step import Step
@@ -53,15 +53,17 @@ def streamed_calls(monkeypatch, model, tok, spec):
     return calls
 
 
-@pytest.mark.parametrize("gram_form", [False, True, "rows"])
+@pytest.mark.parametrize("gram_form", [False, True, "rows", "instance"])
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
 def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind, spec, gram_form):
     """Every streamed call's statistics against the formed forget gradient's; ‖g_X‖² in Gram form
-    or formed (the tiny models' few features make forming the cheaper one by default), or every
-    eligible layer's statistics taken with its products ("rows", geffect.engine.gramrows)."""
-    monkeypatch.setattr(gram, "FORCE", gram_form if gram_form != "rows" else None)
+    or formed (the tiny models' few features make forming the cheaper one by default), every
+    eligible layer's statistics taken with its products ("rows", geffect.engine.gramrows), or the
+    Linear layers' in the training backward ("instance", geffect.engine.instanceform)."""
+    monkeypatch.setattr(gram, "FORCE", gram_form if gram_form in (False, True) else None)
     monkeypatch.setattr(gramrows, "FORCE", gram_form == "rows")
+    monkeypatch.setattr(instanceform, "ENABLED", gram_form == "instance")
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     calls = streamed_calls(monkeypatch, model, tok, spec)
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -75,7 +77,7 @@ def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind,
         fast_names |= set(names) - set(handed)
     # every Linear layer (GPT-2's blocks are Conv1D, with biases: only its tied output projection,
     # unless in Gram form with their products) took the fast path
-    if gram_form == "rows":
+    if gram_form in ("rows", "instance"):
         linear |= {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     assert fast_names and fast_names <= linear | {n for n, m in model.named_modules()
                                                   if isinstance(m, torch.nn.Embedding)}

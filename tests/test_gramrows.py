@@ -6,7 +6,7 @@ import torch
 from helpers import method_of, micro_batch, models, setup, tiny_data
 from test_gram import perturb
 
-from geffect.engine import Due, Engine, gramrows
+from geffect.engine import Due, Engine, gramrows, instanceform
 from geffect.engine.capture import Capture
 from geffect.engine.rules import _CONV1D
 from geffect.step import Step
@@ -15,6 +15,13 @@ SPECS = ["gd", "npo+gd", "idkdpo+gd", "ga"]     # GA: retain rows in their own c
 
 
 EFFECTS_AND_CONFLICTS = Due(effects=True, conflicts=True)
+
+
+@pytest.fixture(autouse=True)
+def _gram_form_not_instance_form(monkeypatch):
+    """The Linear layers here take the Gram or the matmul form (the instance form, which would take
+    them first, has its own tests in test_instanceform.py)."""
+    monkeypatch.setattr(instanceform, "ENABLED", False)
 
 
 def profiled(model, tok, spec, force, monkeypatch, taken=None, due=EFFECTS_AND_CONFLICTS):
@@ -26,8 +33,8 @@ def profiled(model, tok, spec, force, monkeypatch, taken=None, due=EFFECTS_AND_C
     if taken is not None:
         take = gramrows.GramRows.take
 
-        def spy(self, names, products):
-            done = take(self, names, products)
+        def spy(self, names, products, skip=()):
+            done = take(self, names, products, skip)
             taken.extend(done)
             return done
         monkeypatch.setattr(gramrows.GramRows, "take", spy)

@@ -144,14 +144,15 @@ class Capture:
             for rec in self.seen.pop(n, []):
                 rec.inputs, rec.output, rec.grad, rec.train = (), None, None, None
 
-    def grad_square(self, p: torch.nn.Parameter) -> torch.Tensor:
+    def grad_square(self, p: torch.nn.Parameter, known: torch.Tensor | None = None) -> torch.Tensor:
         """‖p.grad‖² (float64, 0-dim), kept with the gradient's version counter: the step's gradient
-        norm reuses it (:meth:`known_grad_square`) instead of another pass over the gradient."""
+        norm reuses it (:meth:`known_grad_square`) instead of another pass over the gradient.
+        ``known``: the value, when the caller has it from the very tensor now in ``.grad``."""
         g = p.grad
         hit = self.grad_squares.get(id(p))
         if hit is not None and hit[0] is g and hit[1] == g._version:
             return hit[2]
-        sq = squared_norm(g)
+        sq = squared_norm(g) if known is None else known
         self.grad_squares[id(p)] = (g, g._version, sq)
         return sq
 

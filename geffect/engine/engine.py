@@ -188,7 +188,7 @@ class Engine:
 
     def backward(self, cap: Capture, fo, loss: torch.Tensor, reuse: bool = True, backprop=None,
                  stream: bool = False, on_modules=None, phases=None, parts_stats: bool = False,
-                 pairs: bool = False) -> str:
+                 pairs: bool = False, form=None) -> str:
         """The training backward of ``loss`` plus the risk cotangents; returns the path taken.
 
         ``reuse``: if the loss reads the model only through the per-token NLL and on every
@@ -213,6 +213,8 @@ class Engine:
         ``cap.part_stats`` when ``parts_stats`` and the Fig. 5b pairs into ``cap.pair_products``
         when ``pairs``.
         ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
+        ``form`` (:class:`geffect.engine.instanceform.InstanceForm`, streamed reuse path): armed for
+        the training backward, its Linear layers' products formed there.
         """
         backprop = backprop or loss.backward
         R, f, r = risk_rows(fo)
@@ -233,19 +235,26 @@ class Engine:
                         c, path = torch.cat([c_f, ones]), "reuse+retain"
         if c is not None:
             cap.rescale_rows(rows, 1.0 / c, fo.nll.shape[0])
+        form = form if stream and c is not None else None
         if stream:
-            self._arm(cap, fo.segments, on_modules, phases, parts_stats, pairs)
+            self._arm(cap, fo.segments, on_modules, phases, parts_stats, pairs, form)
         if c is None:
             cap.risk_grads(R)
             training_backward(cap, backprop)
             return "extra"
         cap.stash = True
-        training_backward(cap, backprop)
-        cap.stash = False
+        if form is not None:
+            form.arm()
+        try:
+            training_backward(cap, backprop)
+        finally:
+            cap.stash = False
+            if form is not None:
+                form.arm(False)
         return path
 
     def _arm(self, cap: Capture, segments: dict[str, slice], on_modules, phases=None, parts_stats: bool = False,
-             pairs: bool = False) -> None:
+             pairs: bool = False, form=None) -> None:
         """Stream: per-row inner products of each module against its completed ``.grad``."""
         span = span_of(segments)
         gram_rows = GramRows(cap, span, segments["retain"], parts_stats, segments, pairs)
@@ -256,7 +265,8 @@ class Engine:
         def ready(names: list[str]) -> None:
             products: dict[str, torch.Tensor] = {}
             with torch.no_grad(), phases("effects") if phases is not None else nullcontext():
-                taken = gram_rows.take(names, products)
+                formed = form.take(cap, names, products, span) if form is not None else []
+                taken = formed + gram_rows.take(names, products, skip=formed)
                 for n in taken:
                     add(cap.assignment[n], products[n])
                 rest = [n for n in names if n not in taken]

@@ -70,15 +70,16 @@ class GramRows:
         self._dead: torch.Tensor | None = None   # and those that carry none (padding)
         self.input_grams = 0                                               # A Aᵀ computed (shared ones once)
 
-    def take(self, names: list[str], products: dict[str, torch.Tensor]) -> list[str]:
+    def take(self, names: list[str], products: dict[str, torch.Tensor], skip=()) -> list[str]:
         """Per-row products (n_rows,) of the eligible layers among ``names`` into ``products``
-        (unscaled, as :meth:`Capture.inner_products` gives them); returns the layers taken."""
+        (unscaled, as :meth:`Capture.inner_products` gives them); returns the layers taken.
+        ``skip``: layers of ``names`` already taken another way (counted as done with their input)."""
         done = []
         for n in names:
             recs = self.cap.seen.get(n, [])
             x = recs[0].inputs[0] if len(recs) == 1 and recs[0].inputs else None
             try:
-                if self._eligible(n) and self._take(n, products):
+                if n not in skip and self._eligible(n) and self._take(n, products):
                     done.append(n)
             finally:
                 if torch.is_tensor(x) and id(x) in self._users:

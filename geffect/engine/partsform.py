@@ -61,32 +61,33 @@ class _Site:
     """One Linear layer's call: what its backward leaves (``dots`` (3,) float64 per parameter name,
     and for a tied output projection ``rows``: its two parts' rows at the batch's token ids)."""
 
-    def __init__(self, owner: PartsForm, name: str, conv1d: bool, tied_ids: torch.Tensor | None):
+    def __init__(self, owner: RoutedLinear, name: str, conv1d: bool, tied_ids: torch.Tensor | None = None):
         self.owner, self.name, self.conv1d, self.tied_ids = owner, name, conv1d, tied_ids
+        self.calls = 1
         self.dots: dict[str, torch.Tensor] = {}
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.values: dict[str, tuple] = {}         # the instance form's (see geffect.engine.instanceform)
 
 
-class PartsForm:
-    """Routes every eligible Linear layer's forward through :class:`_PartsLinear` (a context manager
-    around the step's forward and backward); :meth:`arm` before the training backward."""
+class RoutedLinear:
+    """Routes every given Linear layer's forward through :class:`_PartsLinear` (a context manager
+    around the step's forward and backward), whose backward hands the weight gradient to
+    :meth:`weight_grads` while armed (:meth:`arm`) and forms autograd's own otherwise. ``once``: a
+    layer called twice in one forward is an error (else its site is marked, ``calls`` > 1, and the
+    second call left to autograd)."""
 
-    def __init__(self, model: torch.nn.Module, linear: dict[str, torch.nn.Module], segments: dict[str, slice],
-                 tied_ids: dict[str, torch.Tensor], keep_retain: bool = True):
-        self.model, self.linear, self.keep_retain = model, linear, keep_retain
-        r = segments["retain"]
-        self.forget = _slices(forget_side(segments))                  # the forget-side rows, as slices
-        self.retain = [r] if r.stop > r.start else []
-        self.tied_ids = tied_ids                                     # output projection -> (U,) token ids
+    once = True
+
+    def __init__(self, linear: dict[str, torch.nn.Module]):
+        self.linear = linear
         self.sites: dict[str, _Site] = {}
-        self.streamed: dict[int, tuple[float, float, float]] = {}   # captured modules' values (stream)
         self.armed = False
-        self._scratch: torch.Tensor | None = None
         self._handles: list = []
 
     def __enter__(self) -> Self:
         for name, mod in self.linear.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
+            # before any other forward hook (the capture's): they see the routed output
+            self._handles.append(mod.register_forward_hook(self._hook(name), prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,17 +98,64 @@ class PartsForm:
     def arm(self, on: bool = True) -> None:
         self.armed = on
 
+    def site(self, name: str, mod: torch.nn.Module) -> _Site:
+        return _Site(self, name, _CONV1D is not None and isinstance(mod, _CONV1D))
+
+    def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
+        """(weight gradient, bias gradient or None) of the armed backward; D (N, T, out), A (N, T, in)."""
+        raise NotImplementedError
+
     def _hook(self, name: str):
         def hook(mod, inputs, output):
             x = inputs[0] if inputs else None
             if not torch.is_tensor(x) or not torch.is_tensor(output) or not output.requires_grad or x.dim() < 2:
                 return None
             if name in self.sites:
-                raise RuntimeError(f"module {name} ran twice in one forward; the parts form needs one call")
-            site = _Site(self, name, _CONV1D is not None and isinstance(mod, _CONV1D), self.tied_ids.get(name))
-            self.sites[name] = site
+                if self.once:
+                    raise RuntimeError(f"module {name} ran twice in one forward; the parts form needs one call")
+                self.sites[name].calls += 1
+                return None
+            site = self.sites[name] = self.site(name, mod)
             return _PartsLinear.apply(x, mod.weight, mod.bias, output.detach(), site)
         return hook
+
+
+class PartsForm(RoutedLinear):
+    """The parts form (see the module docstring); :meth:`arm` before the training backward."""
+
+    def __init__(self, model: torch.nn.Module, linear: dict[str, torch.nn.Module], segments: dict[str, slice],
+                 tied_ids: dict[str, torch.Tensor], keep_retain: bool = True):
+        super().__init__(linear)
+        self.model, self.keep_retain = model, keep_retain
+        r = segments["retain"]
+        self.forget = _slices(forget_side(segments))                  # the forget-side rows, as slices
+        self.retain = [r] if r.stop > r.start else []
+        self.tied_ids = tied_ids                                     # output projection -> (U,) token ids
+        self.streamed: dict[int, tuple[float, float, float]] = {}   # captured modules' values (stream)
+        self._scratch: torch.Tensor | None = None
+
+    def site(self, name: str, mod: torch.nn.Module) -> _Site:
+        s = super().site(name, mod)
+        s.tied_ids = self.tied_ids.get(name)
+        return s
+
+    def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
+        """Both parts of the weight (and bias) gradient, their dots into the site."""
+        forget, retain = self.forget, self.retain
+        idx = live_positions(self.linear[site.name], D)   # (K,) flat, or None: dense (every position)
+        if idx is not None:           # the output projection: its answer positions only (the rest add 0)
+            T = D.shape[1]
+            forget = [_position_slices(idx, s, T) for s in self.forget]
+            retain = [_position_slices(idx, s, T) for s in self.retain]
+            D, A = _gather(D, idx), _gather(A, idx)        # (K, 1, out), (K, 1, in): a position per "row"
+        gw, site.dots["weight"], site.rows = _split_grad(D, A, site.conv1d, forget, retain, site.tied_ids,
+                                                         self.keep_retain, self.scratch)
+        gb = None
+        if has_bias:
+            bf, br = _rows_sum(D, forget), _rows_sum(D, retain)
+            site.dots["bias"] = _three(bf, br)
+            gb = bf.add_(br) if self.keep_retain else bf
+        return gw, gb
 
     def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A buffer of at least ``numel`` elements for the retain part's tile, shared by every layer."""
@@ -217,7 +265,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _PartsLinear(torch.autograd.Function):
     """y = x Wᵀ + b (Linear; GPT-2 Conv1D: y = x W + b), its forward value given (``out``); the
-    backward forms the weight gradient as its two parts when the owner is armed."""
+    backward forms the weight gradient its owner's way (:meth:`RoutedLinear.weight_grads`) when
+    the owner is armed, autograd's way otherwise."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, out, site):
@@ -235,26 +284,11 @@ class _PartsLinear(torch.autograd.Function):
         N, d_in, d_out = x.shape[0], x.shape[-1], grad_out.shape[-1]
         D = grad_out.reshape(N, -1, d_out).to(weight.dtype)                       # (N, T, out)
         A = x.reshape(N, -1, d_in).to(weight.dtype)                               # (N, T, in)
-        owner = site.owner
-        if not owner.armed:                  # any other backward through the layer: autograd's gradient
+        if not site.owner.armed:             # any other backward through the layer: autograd's gradient
             gw = _part(*((A, D) if site.conv1d else (D, A)), [slice(0, N)])
             gb = D.reshape(-1, d_out).sum(0) if ctx.has_bias else None
             return gx, gw, gb, None, None
-        forget, retain = owner.forget, owner.retain
-        idx = live_positions(owner.linear[site.name], D)   # (K,) flat, or None: dense (every position)
-        if idx is not None:           # the output projection: its answer positions only (the rest add 0)
-            T = D.shape[1]
-            forget = [_position_slices(idx, s, T) for s in owner.forget]
-            retain = [_position_slices(idx, s, T) for s in owner.retain]
-            D, A = _gather(D, idx), _gather(A, idx)        # (K, 1, out), (K, 1, in): a position per "row"
-        gw, site.dots["weight"], site.rows = _split_grad(D, A, site.conv1d, forget, retain, site.tied_ids,
-                                                         owner.keep_retain, owner.scratch)
-        gb = None
-        if ctx.has_bias:
-            bf, br = _rows_sum(D, forget), _rows_sum(D, retain)
-            site.dots["bias"] = _three(bf, br)
-            gb = bf.add_(br) if owner.keep_retain else bf
-        return gx, gw, gb, None, None
+        return gx, *site.owner.weight_grads(site, D, A, ctx.has_bias), None, None
 
 
 def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[slice], retain: list[slice],

@@ -1,0 +1,183 @@
+"""A Linear layer's per-row G-effect products formed inside the training backward (the instance form).
+
+On the engine's reuse path the captured cotangents δ_t are the training ones, and one forward covers
+every row, so a Linear layer's weight gradient is the sum of its rows' own:
+
+    ∇L_W = G = Σ_n g_n,   g_n = Δ_nᵀ A_n      (row n's positions; GPT-2's Conv1D: A_nᵀ Δ_n)
+
+and the per-row product of the G-effects (:func:`geffect.engine.rules.linear_rule`,
+Σ_{t∈n} δ_tᵀ ∇L_W a_t) is p_n = ⟨g_n, G⟩. The layer's backward (:class:`InstanceForm`, which
+replaces autograd's for the layer's call) forms the rows' gradients tile by tile of G's rows, one
+batched matmul per tile, with the multiply-adds of autograd's one product: G's tile is their sum,
+p gains X_tile·G_tile (N dot products of a cached tile), and when the conflict statistics are due
+the two parts' tiles G_f (every row outside the retain segment) and G_r give ⟨G_f, G_r⟩, ‖G_f‖²,
+‖G_r‖² (:mod:`geffect.engine.parts`) on the same cached tiles. Against the matmul form (one more
+product of the layer's size, K·d_in·d_out) or the Gram form (K²(d_in + d_out)), the cost is two
+passes over N cached tiles per weight: 2N·d_in·d_out instead of K·d_in·d_out, K = N·T positions.
+
+A bias: p_n = ⟨Σ_{t∈n} δ_t, Σ_s δ_s⟩. The values are unscaled (training cotangents), as
+:meth:`~geffect.engine.capture.Capture.inner_products` gives them.
+
+Each layer checks the identity it rests on when its gradient completes: Σ_n p_n = ‖.grad‖² (to
+:data:`~geffect.engine.gramrows.TOL`); a layer whose gradient holds anything else (its weight used
+outside the module, a hook writing to ``.grad``) or whose forward ran twice is left to
+:mod:`geffect.engine.gramrows` and the matmul form. Float32/64 weights; not while the Fig. 5b pairs
+are due (their products are gramrows'), not for an output projection (its few answer positions take
+the Gram form more cheaply), not under gradient checkpointing.
+"""
+from __future__ import annotations
+
+import torch
+
+from geffect.engine.capture import Capture
+from geffect.engine.gramrows import TOL
+from geffect.engine.partsform import RoutedLinear, _Site
+
+TILE_BYTES = 2 * 2 ** 20      # the N rows' gradients of one tile of G's rows: cached while summed and dotted
+ENABLED = True                # tests: off to compare with the Gram and matmul forms
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+class InstanceForm(RoutedLinear):
+    """Routes the given Linear layers (each owning its parameters alone) through the instance form
+    while armed (the reuse path's training backward); :meth:`take` hands each layer's per-row
+    products over once its gradient completes. ``retain``: the retain segment; ``stats``: the
+    parts' conflict statistics are due (into the capture's ``part_stats``)."""
+
+    once = False
+
+    def __init__(self, linear: dict[str, torch.nn.Module], retain: slice, stats: bool):
+        super().__init__({n: m for n, m in linear.items() if m.weight.dtype in _FAST_DTYPES})
+        self.retain, self.stats = retain, stats
+        self._buffer: torch.Tensor | None = None
+
+    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Scratch for one tile of the rows' gradients, shared by every layer."""
+        b = self._buffer
+        if b is None or b.dtype != dtype or b.device != device or b.numel() < numel:
+            self._buffer = b = torch.empty(numel, dtype=dtype, device=device)
+        return b
+
+    def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
+        """G (and the bias's Σ δ) for autograd; per parameter name, (p (N,), parts' statistics (3,)
+        or None) float64 into ``site.values``."""
+        N = D.shape[0]
+        r = self.retain
+        gw, p, stats = _rows_grad(D, A, site.conv1d, r, self.stats, self.buffer)
+        site.values["weight"] = (p, stats, _identity(gw))
+        gb = None
+        if has_bias:
+            Db = D.sum(1)                                                        # (N, out) Σ_{t∈n} δ_t
+            gb = Db.sum(0)                                                       # (out,)
+            site.values["bias"] = (Db.double() @ gb.double(),
+                                   _three(_sum_outside(Db, r, N), Db[r].sum(0)) if self.stats else None,
+                                   _identity(gb))
+        return gw, gb
+
+    def take(self, cap: Capture, names: list[str], products: dict[str, torch.Tensor], span: slice) -> list[str]:
+        """Per-row products (over ``span``'s rows) of the layers among ``names`` that took the form
+        and pass the identity check into ``products``, their statistics into ``cap.part_stats``;
+        returns the layers taken. Their sites' values are released."""
+        done = []
+        for n in names:
+            site = self.sites.get(n)
+            if site is None:
+                continue
+            values, site.values = site.values, {}
+            mod = self.linear[n]
+            params = {pn: p for pn, p in mod._parameters.items() if p is not None and p.requires_grad}
+            if (site.calls != 1 or not values or set(values) != set(params)
+                    or any(p.grad is None for p in params.values())):
+                continue
+            # the identity check (one host read): Σ_n p_n = ‖.grad‖² for each parameter; when autograd kept
+            # the very gradient the form made, unwritten since, it holds as Σ_n p_n = ⟨Σ_n g_n, G⟩ (no pass)
+            checks = torch.stack([t for pn, p in params.items() for t in (
+                values[pn][0].sum(), cap.grad_square(p, values[pn][0].sum() if _identity(p.grad) == values[pn][2]
+                                                     else None))])
+            got = checks.tolist()
+            if not all(abs(got[2 * i] - got[2 * i + 1]) <= TOL * got[2 * i + 1] for i in range(len(params))):
+                continue
+            products[n] = sum(values[pn][0][span] for pn in params).float()
+            if self.stats:
+                stats = torch.stack([values[pn][1] for pn in params]).tolist()
+                cap.part_stats |= {id(params[pn]): tuple(s) for pn, s in zip(params, stats)}
+            done.append(n)
+        return done
+
+
+def _identity(t: torch.Tensor) -> tuple[int, int]:
+    """What tells a tensor that nothing has written to since: its storage address and version."""
+    return t.data_ptr(), t._version
+
+
+def _rows_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, retain: slice, stats: bool, buffer):
+    """G = Σ_n g_n, p_n = ⟨g_n, G⟩ (N,) float64 and, with ``stats``, (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²)
+    (3,) float64, in tiles of G's rows (``TILE_BYTES`` for the N rows' tiles, from ``buffer(numel,
+    dtype, device)``): G's own tile is the only full-size write, as autograd's."""
+    L, R = (A, D) if conv1d else (D, A)                      # G = Σ_n L_nᵀ R_n: (rows, cols)
+    N, rows, cols = L.shape[0], L.shape[-1], R.shape[-1]
+    Lt = L.transpose(1, 2)                                   # (N, rows, T)
+    tile = max(1, min(rows, TILE_BYTES // (N * cols * D.element_size())))
+    G = torch.empty(rows, cols, dtype=D.dtype, device=D.device)
+    scratch = buffer(N * tile * cols, D.dtype, D.device)
+    p = torch.zeros(N, dtype=D.dtype, device=D.device)
+    # G's tile as one product with the rows' indicators (a reduction with out= would zero it first):
+    # W (1, N) all ones, or with the statistics (3, N): the forget side, the retain rows, all
+    W = torch.ones(3 if stats else 1, N, dtype=D.dtype, device=D.device)
+    if stats:
+        W[0, retain] = 0
+        W[1] = 1 - W[0]
+    dots = torch.zeros(2, 2, dtype=D.dtype, device=D.device) if stats else None       # the parts' Gram
+    B = torch.empty(3, tile * cols, dtype=D.dtype, device=D.device) if stats else None  # G_f, G_r, G tiles
+    for k in range(0, rows, tile):
+        h = min(tile, rows - k)
+        X = scratch[:N * h * cols].view(N, h, cols)
+        torch.bmm(Lt[:, k:k + h], R, out=X)                  # (N, h, cols): each row's gradient tile
+        X2, Gk = X.view(N, -1), G[k:k + h].view(-1)
+        if stats:
+            P = B[:, :h * cols]
+            torch.mm(W, X2, out=P)                           # (3, h·cols): G_f, G_r, G on this tile
+            dots.addmm_(P[:2], P[:2].T)                      # [[‖G_f‖², ⟨G_f, G_r⟩], [·, ‖G_r‖²]]
+            Gk.copy_(P[2])
+        else:
+            torch.mm(W, X2, out=Gk.view(1, -1))
+        p.addmv_(X2, Gk)                                     # p_n += ⟨g_n, G⟩ on this tile
+    if stats:
+        dots = torch.stack([dots[0, 1], dots[0, 0], dots[1, 1]]).double()
+    return G, p.double(), dots
+
+
+def _sum_outside(X: torch.Tensor, r: slice, N: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over the rows of X (N, …) outside the slice ``r`` (the forget side), into ``out`` if given."""
+    parts = [s for s in (slice(0, r.start), slice(r.stop, N)) if s.stop > s.start]
+    if out is None:
+        out = X.new_empty(X.shape[1:])
+    if not parts:
+        return out.zero_()
+    torch.sum(X[parts[0]], 0, out=out)
+    for s in parts[1:]:
+        out.add_(X[s].sum(0))
+    return out
+
+
+def _three(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(⟨x, y⟩, ‖x‖², ‖y‖²) (3,) float64."""
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    return torch.stack([torch.dot(xf, yf), torch.dot(xf, xf), torch.dot(yf, yf)]).double()
+
+
+def eligible_linear(model: torch.nn.Module, assignment: dict[str, str]) -> dict[str, torch.nn.Module]:
+    """The engine's Linear (and Conv1D) modules whose trainable parameters no other module owns,
+    the weight trainable, less the output projection."""
+    from geffect.engine.grouponly import owners
+    from geffect.engine.partsform import _LINEAR
+    owned = owners(model, assignment)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for n in assignment:
+        mod = model.get_submodule(n)
+        if not isinstance(mod, _LINEAR) or mod is head or not mod.weight.requires_grad:
+            continue
+        if all(owned.get(id(p)) == [n] for p in mod._parameters.values() if p is not None and p.requires_grad):
+            out[n] = mod
+    return out

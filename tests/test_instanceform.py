@@ -1,0 +1,167 @@
+"""Per-row G-effect products and the parts' statistics of Linear layers formed in the training
+backward (geffect.engine.instanceform) against brute-force per-row gradients and against the matmul
+form they replace (rules.linear_rule, itself tested against one-sample autograd in test_engine.py)."""
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import method_of, micro_batch, models, setup, tiny_data
+from test_gram import perturb
+
+from geffect.engine import Due, Engine, gramrows, instanceform
+from geffect.engine.rules import _CONV1D
+from geffect.step import Step
+
+SPECS = ["gd", "npo+gd", "idkdpo+gd", "ga"]     # GA: retain rows in their own chunk, never taken
+EFFECTS_AND_CONFLICTS = Due(effects=True, conflicts=True)
+
+
+def _brute(D, A, conv1d, retain):
+    """Each row's gradient g_n = D_nᵀ A_n (Conv1D: A_nᵀ D_n) formed alone, and from them G, p, stats."""
+    g = torch.stack([(A[n].T @ D[n]) if conv1d else (D[n].T @ A[n]) for n in range(D.shape[0])]).double()
+    G = g.sum(0)
+    p = torch.stack([(gn * G).sum() for gn in g])
+    r = torch.zeros(D.shape[0], dtype=torch.bool)
+    r[retain] = True
+    Gf, Gr = g[~r].sum(0), g[r].sum(0)
+    return G, p, torch.stack([(Gf * Gr).sum(), (Gf * Gf).sum(), (Gr * Gr).sum()])
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("retain", [slice(3, 5), slice(0, 2), slice(5, 5)])
+@pytest.mark.parametrize("tile_bytes", [instanceform.TILE_BYTES, 3 * 5 * 7 * 8])   # one tile; many, a partial last
+def test_rows_grad_against_each_rows_own_gradient(monkeypatch, conv1d, retain, tile_bytes):
+    """G = Σ_n g_n, p_n = ⟨g_n, G⟩ and the parts' (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) against the rows'
+    gradients formed one at a time (float64), with or without the statistics, in one tile or many."""
+    monkeypatch.setattr(instanceform, "TILE_BYTES", tile_bytes)
+    gen = torch.Generator().manual_seed(1)
+    N, T, d_in, d_out = 5, 6, 7, 11
+    D, A = torch.randn(N, T, d_out, generator=gen), torch.randn(N, T, d_in, generator=gen)
+    D[1, 4:] = 0                                           # padding: no cotangent
+    G0, p0, s0 = _brute(D, A, conv1d, retain)
+
+    def buffer(numel, dtype, device):
+        return torch.empty(numel, dtype=dtype, device=device)
+    for stats in (False, True):
+        G, p, s = instanceform._rows_grad(D, A, conv1d, retain, stats, buffer)
+        assert G.shape == G0.shape and torch.allclose(G.double(), G0, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(p, p0, rtol=1e-5, atol=1e-4 * p0.abs().max().item())
+        if stats:
+            assert torch.allclose(s, s0, rtol=1e-5, atol=1e-4 * s0[1:].max().item())
+        else:
+            assert s is None
+
+
+def _linear_names(model) -> set[str]:
+    kinds = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
+    head = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if isinstance(m, kinds) and m is not head}
+
+
+def profiled(model, tok, spec, instance: bool, monkeypatch, taken=None, batch=None, due=EFFECTS_AND_CONFLICTS):
+    """One profiled step (``.grad`` left in place, no optimizer): the instance form on, or off with
+    every Linear layer in the matmul form; ``taken`` receives the layers the instance form took."""
+    monkeypatch.setattr(instanceform, "ENABLED", instance)
+    monkeypatch.setattr(gramrows, "FORCE", None if instance else False)
+    method = method_of(spec)
+    ctx, ref = setup(model, method)
+    perturb(model, ref)
+    take = instanceform.InstanceForm.take
+    if taken is not None:
+        def spy(self, cap, names, products, span):
+            done = take(self, cap, names, products, span)
+            taken.extend(done)
+            return done
+        monkeypatch.setattr(instanceform.InstanceForm, "take", spy)
+    mb = micro_batch(tok, method, tiny_data()) if batch is None else batch
+    res = Step(model, method, ref, ctx, Engine(model))([mb], due)
+    monkeypatch.setattr(instanceform.InstanceForm, "take", take)
+    return res, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_effects(a, b, tol=1e-5):
+    for split in ("forget", "retain"):
+        x, y = getattr(a.effects[0], split), getattr(b.effects[0], split)
+        assert (x - y).abs().max() <= tol * x.abs().max() + 1e-8, split
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2", "tied-llama"])
+def test_instance_form_gives_the_matmul_forms_effects_conflicts_and_gradient(monkeypatch, kind, spec):
+    """Per-instance, per-group G-effects, every conflict record and ``.grad`` itself: the instance
+    form on every Linear layer but the output projection (GPT-2's Conv1D with biases included; none
+    on GA's chunked rows) against the matmul form and autograd's gradient."""
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    taken: list[str] = []
+    (fast, g1), (slow, g0) = (profiled(model, tok, spec, inst, monkeypatch, taken if inst else None)
+                              for inst in (True, False))
+    assert set(taken) == (set() if spec == "ga" else _linear_names(model))
+    assert fast.path == slow.path
+    assert_same_effects(slow, fast)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-5, atol=1e-6 * g0[n].abs().max().item()), n
+    assert fast.grad_norm == pytest.approx(slow.grad_norm, rel=1e-5)
+    assert len(slow.conflicts) == len(fast.conflicts) and (len(fast.conflicts) > 0) == (spec != "ga")
+    for c0, c1 in zip(slow.conflicts, fast.conflicts):
+        assert c0.keys() == c1.keys()
+        for k, v in c0.items():
+            if isinstance(v, float):
+                n1n2 = c0["norm_forget"] * c0["norm_retain"]
+                tol = {"cosine": {"abs": 1e-5}, "dot": {"abs": 1e-5 * n1n2},
+                       "removed_norm": {"abs": 1e-3 * n1n2 ** 0.5}}.get(k, {"rel": 1e-4, "abs": 1e-6})
+                assert c1[k] == pytest.approx(v, **tol), (k, c0, c1)
+            else:
+                assert c1[k] == v, k
+
+
+def test_a_gradient_holding_anything_else_is_left_to_the_other_forms(monkeypatch):
+    """A hook that adds to one layer's ``.grad`` breaks Σ_n p_n = ‖.grad‖²: that layer is not taken
+    (the matmul form takes it along the gradient as it is), every other layer is."""
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
+    victim = model.model.layers[0].mlp.down_proj
+    extra = 0.5 * torch.randn(victim.weight.shape, generator=torch.Generator().manual_seed(3))
+
+    def add(p):
+        p.grad.add_(extra)
+    handle = victim.weight.register_post_accumulate_grad_hook(add)
+    try:
+        taken: list[str] = []
+        (fast, _), (slow, _) = (profiled(model, tok, "npo+gd", inst, monkeypatch, taken if inst else None)
+                                for inst in (True, False))
+    finally:
+        handle.remove()
+    assert set(taken) == _linear_names(model) - {"model.layers.0.mlp.down_proj"}
+    assert_same_effects(slow, fast)
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+def test_padding_changes_nothing_in_the_instance_form(monkeypatch, kind):
+    """Extra padding columns (no cotangent) change no per-instance value and no conflict record."""
+    model, tok = next((m, t) for k, m, t in models() if k == kind)
+    method = method_of("npo+gd")
+    mb = micro_batch(tok, method, tiny_data())
+    batch, k, pad = mb.batch, 7, tok.pad_token_id
+    n = len(batch.input_ids)
+    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
+                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
+                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
+    taken: list[str] = []
+    res = [profiled(model, tok, "npo+gd", True, monkeypatch, taken, batch=b)[0] for b in (mb, replace(mb, batch=wide))]
+    assert set(taken) == _linear_names(model)          # (each layer taken in both steps)
+    assert_same_effects(res[0], res[1], tol=1e-4)
+    for c0, c1 in zip(res[0].conflicts, res[1].conflicts):
+        assert c1["cosine"] == pytest.approx(c0["cosine"], abs=1e-4)
+
+
+def test_not_while_the_pairs_are_due(monkeypatch):
+    """A step that takes the Fig. 5b pairs leaves the Linear layers to gramrows (their pairs come
+    from the same Gram sums); its G-effects are the instance form's."""
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")
+    taken: list[str] = []
+    due = Due(effects=True, conflicts=True, pairs=True)
+    with_pairs, _ = profiled(model, tok, "npo+gd", True, monkeypatch, taken, due=due)
+    assert taken == [] and with_pairs.pairs
+    without, _ = profiled(model, tok, "npo+gd", True, monkeypatch, taken)
+    assert taken and set(taken) == _linear_names(model)
+    assert_same_effects(without, with_pairs)
