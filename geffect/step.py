@@ -32,10 +32,10 @@ import torch
 from geffect.config import ProfileConfig
 from geffect.data.sampling import MicroBatch
 from geffect.distributed import SINGLE, World
+from geffect.engine import instanceform
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, span_of, training_backward
 from geffect.engine.gram import streamed_part_scalars
-from geffect.engine import instanceform
 from geffect.engine.grouponly import group_effects, owners, split_factors, tied_embeddings
 from geffect.engine.instanceform import InstanceForm, eligible_linear
 from geffect.engine.pairs import PairsAccumulator
