@@ -149,6 +149,12 @@ class ProfileConfig:
     stream: bool = opt(True, "take each module's inner products the moment the backward completes its gradient "
                              "and free what was captured for it (off: after the backward); applies along ∇L with one "
                              "micro-batch and no PCGrad (the pairs steps included)")
+    instance_form: str = opt("auto", "where the Linear layers' per-instance products come from along ∇L: on = "
+                                     "formed inside the training backward as each row's own weight gradient, "
+                                     "tile by tile (about half an extra weight-gradient product; memory-bound "
+                                     "passes), off = one extra product per layer (matmul or Gram form, at matmul "
+                                     "throughput), auto = on on CPU, where it was measured faster; off elsewhere "
+                                     "(on a GPU unmeasured)", choices=("auto", "on", "off"))
     blocks_path: str | None = opt(None, "dotted name of the ModuleList of transformer blocks, for a model whose "
                                          "blocks geffect cannot find (e.g. model.layers)")
     group_map: str | None = opt(None, "explicit layer groups for modules geffect cannot place: "

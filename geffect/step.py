@@ -196,10 +196,12 @@ class Step:
         stream = (engine is not None and not group_only and engine.cfg.stream and due.effects and direction == "grad"
                   and len(micro) == 1 and not method.pcgrad and not self.world.active)
         # streamed along ∇L on the reuse path: the Linear layers' per-row products formed in the training
-        # backward itself (geffect.engine.instanceform; not while the pairs are due: theirs are gramrows')
-        self._instance_form = (InstanceForm(self._instance_linear(), micro[0].batch.segments["retain"], parts_due)
-                               if stream and not due.pairs and instanceform.ENABLED and not checkpointing(self.model)
-                               else None)
+        # backward itself (geffect.engine.instanceform)
+        self._instance_form = (InstanceForm(self._instance_linear(), len(micro[0].batch.input_ids),
+                                            micro[0].batch.segments["retain"], parts_due)
+                               if stream and instanceform.wanted(engine.cfg.instance_form,
+                                                                 next(self.model.parameters()).device)
+                               and not checkpointing(self.model) else None)
         scalars: dict[int, tuple] = {}
         pairs: list[PairsAccumulator] = []
         if optimizer is not None:

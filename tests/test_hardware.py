@@ -52,6 +52,31 @@ def test_the_whole_profiled_step_runs_on_the_meta_device(tiny, spec, truth):
     assert res.effects and res.pairs and res.tokens and (res.conflicts or not method.has_retain_part)
 
 
+@pytest.mark.parametrize("truth", [True, False])
+def test_the_instance_form_runs_on_the_meta_device(tiny, truth, monkeypatch):
+    """The instance form (off by default off the CPU) forced on: its tiles, weights and pairs follow
+    the parameters' device too."""
+    from geffect.engine import instanceform
+    monkeypatch.setattr(instanceform, "ENABLED", True)
+    taken = []
+    take = instanceform.InstanceForm.take
+
+    def spy(self, *a):
+        done = take(self, *a)
+        taken.extend(done)
+        return done
+    monkeypatch.setattr(instanceform.InstanceForm, "take", spy)
+    tiny.model.to("meta")
+    method = method_of("npo+gd")
+    ctx, ref = setup(tiny.model, method)
+    with meta_host_reads(truth):
+        _, res = engine_step(tiny.model, method, micro_batch(tiny.tokenizer, method, tiny_data()), ref, ctx=ctx,
+                             due=ALL)
+    assert res.effects and res.pairs and res.tokens and res.conflicts
+    # (all-ones placeholders fail tiny-gpt2's proportionality check: the extra-backward path, no form)
+    assert bool(taken) == (res.path == "reuse") and (truth or res.path == "reuse")
+
+
 def test_meta_harness_catches_a_tensor_on_the_wrong_device(tiny, monkeypatch):
     """The check can fail: a zeros() that ignores its device argument breaks the meta step."""
     real = torch.zeros

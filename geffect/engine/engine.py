@@ -35,7 +35,7 @@ import torch
 
 from geffect.config import ProfileConfig, parse_boundaries, parse_group_map
 from geffect.engine.capture import Capture
-from geffect.engine.gramrows import GramRows
+from geffect.engine.gramrows import GramRows, pair_weights
 from geffect.engine.groups import GROUPS, assign_groups, group_names
 from geffect.objectives import functional as fn
 
@@ -243,8 +243,8 @@ class Engine:
             training_backward(cap, backprop)
             return "extra"
         cap.stash = True
-        if form is not None:
-            form.arm()
+        if form is not None:       # (the pairs' weights: the rows' scales 1/c_i are set above)
+            form.arm(pairs=pair_weights(cap, fo.segments) if pairs else None)
         try:
             training_backward(cap, backprop)
         finally:

@@ -55,7 +55,7 @@ class GramRows:
     def __init__(self, cap: Capture, span: slice, retain: slice, stats: bool,
                  segments: dict[str, slice] | None = None, pairs: bool = False):
         self.cap, self.span, self.retain, self.want_stats = cap, span, retain, stats
-        self._pairs = _pair_weights(cap, segments) if pairs and segments is not None else None
+        self._pairs = pair_weights(cap, segments) if pairs and segments is not None else None
         self._users: dict[int, int] = {}          # id(input) -> layers still to take
         self._outs: dict[int, list[int]] = {}     # id(input) -> output widths of the Linear layers reading it
         for name, recs in cap.seen.items():
@@ -243,7 +243,7 @@ class GramRows:
         return True
 
 
-def _pair_weights(cap: Capture, segments: dict[str, slice]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def pair_weights(cap: Capture, segments: dict[str, slice]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Per row: the forget instance it belongs to (its forget, idk or mismatch row; -1 for the
     retain rows), and the weights (N, 2) 1/(c_t·n_R) turning a training cotangent into the risk's
     mean gradient term on R_u's rows (forget) and R_r's (retain), 0 elsewhere; and n_f."""

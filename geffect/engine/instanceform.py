@@ -11,7 +11,10 @@ replaces autograd's for the layer's call) forms the rows' gradients tile by tile
 batched matmul per tile, with the multiply-adds of autograd's one product: G's tile is their sum,
 p gains X_tile·G_tile (N dot products of a cached tile), and when the conflict statistics are due
 the two parts' tiles G_f (every row outside the retain segment) and G_r give ⟨G_f, G_r⟩, ‖G_f‖²,
-‖G_r‖² (:mod:`geffect.engine.parts`) on the same cached tiles. Against the matmul form (one more
+‖G_r‖² (:mod:`geffect.engine.parts`) on the same cached tiles. The Fig. 5b pairs
+(:mod:`geffect.engine.pairs`) likewise: the risk R's gradient is Σ_m w_m g_m with w_m = 1/(c_m·n_R)
+on R's rows (the reuse path's risk cotangents are the training ones over c_m), so a row's pair is
+⟨g_n, Σ_m w_m g_m⟩, summed over a forget instance's rows (its forget, idk or mismatch row). Against the matmul form (one more
 product of the layer's size, K·d_in·d_out) or the Gram form (K²(d_in + d_out)), the cost is two
 passes over N cached tiles per weight: 2N·d_in·d_out instead of K·d_in·d_out, K = N·T positions.
 
@@ -21,9 +24,9 @@ A bias: p_n = ⟨Σ_{t∈n} δ_t, Σ_s δ_s⟩. The values are unscaled (trainin
 Each layer checks the identity it rests on when its gradient completes: Σ_n p_n = ‖.grad‖² (to
 :data:`~geffect.engine.gramrows.TOL`); a layer whose gradient holds anything else (its weight used
 outside the module, a hook writing to ``.grad``) or whose forward ran twice is left to
-:mod:`geffect.engine.gramrows` and the matmul form. Float32/64 weights; not while the Fig. 5b pairs
-are due (their products are gramrows'), not for an output projection (its few answer positions take
-the Gram form more cheaply), not under gradient checkpointing.
+:mod:`geffect.engine.gramrows` and the matmul form. Float32/64 weights; not for an output
+projection (its few answer positions take the Gram form more cheaply), not under gradient
+checkpointing.
 """
 from __future__ import annotations
 
@@ -33,22 +36,25 @@ from geffect.engine.capture import Capture
 from geffect.engine.gramrows import TOL
 from geffect.engine.partsform import RoutedLinear, _Site
 
-TILE_BYTES = 2 * 2 ** 20      # the N rows' gradients of one tile of G's rows: cached while summed and dotted
-ENABLED = True                # tests: off to compare with the Gram and matmul forms
+TILE_BYTES = 2 * 2 ** 20      # the N rows' gradients of one tile of G's rows: cached while summed and dotted (CPU)
+ACCELERATOR_TILE_BYTES = 256 * 2 ** 20   # elsewhere: few tiles (each is a handful of kernel launches)
+ENABLED: bool | None = None   # tests: force the form on or off (None: ProfileConfig.instance_form decides)
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
 class InstanceForm(RoutedLinear):
     """Routes the given Linear layers (each owning its parameters alone) through the instance form
     while armed (the reuse path's training backward); :meth:`take` hands each layer's per-row
-    products over once its gradient completes. ``retain``: the retain segment; ``stats``: the
-    parts' conflict statistics are due (into the capture's ``part_stats``)."""
+    products over once its gradient completes. ``rows``: the batch's rows (a layer that ran on a
+    chunk of them, or twice, takes autograd's gradient); ``retain``: the retain segment; ``stats``:
+    the parts' conflict statistics are due (into the capture's ``part_stats``)."""
 
     once = False
 
-    def __init__(self, linear: dict[str, torch.nn.Module], retain: slice, stats: bool):
+    def __init__(self, linear: dict[str, torch.nn.Module], rows: int, retain: slice, stats: bool):
         super().__init__({n: m for n, m in linear.items() if m.weight.dtype in _FAST_DTYPES})
-        self.retain, self.stats = retain, stats
+        self.rows, self.retain, self.stats = rows, retain, stats
+        self.pairs: tuple | None = None
         self._buffer: torch.Tensor | None = None
 
     def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -58,20 +64,30 @@ class InstanceForm(RoutedLinear):
             self._buffer = b = torch.empty(numel, dtype=dtype, device=device)
         return b
 
+    def arm(self, on: bool = True, pairs: tuple | None = None) -> None:
+        """``pairs``: the Fig. 5b pairs are due, with :func:`geffect.engine.gramrows.pair_weights`'
+        (owner (N,), w (N, 2), n_f): each row's forget instance and its weights on the two risks."""
+        super().arm(on)
+        if on:
+            self.pairs = pairs
+
     def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
-        """G (and the bias's Σ δ) for autograd; per parameter name, (p (N,), parts' statistics (3,)
-        or None) float64 into ``site.values``."""
+        """G (and the bias's Σ δ) for autograd; per parameter name, (p (N,), the parts' statistics (3,)
+        or None, G's identity, the pairs' per-row products (N, 2) or None) into ``site.values``."""
         N = D.shape[0]
+        if site.calls != 1 or N != self.rows:          # a forward chunk of the rows: autograd's gradient
+            return None
         r = self.retain
-        gw, p, stats = _rows_grad(D, A, site.conv1d, r, self.stats, self.buffer)
-        site.values["weight"] = (p, stats, _identity(gw))
+        w = self.pairs[1].to(D.dtype) if self.pairs is not None else None                # (N, 2)
+        gw, p, stats, pairs = _rows_grad(D, A, site.conv1d, r, self.stats, self.buffer, w)
+        site.values["weight"] = (p, stats, _identity(gw), pairs)
         gb = None
         if has_bias:
             Db = D.sum(1)                                                        # (N, out) Σ_{t∈n} δ_t
             gb = Db.sum(0)                                                       # (out,)
             site.values["bias"] = (Db.double() @ gb.double(),
                                    _three(_sum_outside(Db, r, N), Db[r].sum(0)) if self.stats else None,
-                                   _identity(gb))
+                                   _identity(gb), Db @ (Db.T @ w) if w is not None else None)
         return gw, gb
 
     def take(self, cap: Capture, names: list[str], products: dict[str, torch.Tensor], span: slice) -> list[str]:
@@ -98,6 +114,12 @@ class InstanceForm(RoutedLinear):
             if not all(abs(got[2 * i] - got[2 * i + 1]) <= TOL * got[2 * i + 1] for i in range(len(params))):
                 continue
             products[n] = sum(values[pn][0][span] for pn in params).float()
+            if values["weight"][3] is not None:      # each forget instance's pairs: its rows' sum
+                owner, _, n_f = self.pairs
+                side = owner >= 0
+                rows = sum(values[pn][3] for pn in params)[side].float()                # (n_side, 2)
+                cap.pair_products[n] = torch.zeros(n_f, 2, dtype=torch.float32, device=rows.device).index_add_(
+                    0, owner[side], rows)
             if self.stats:
                 stats = torch.stack([values[pn][1] for pn in params]).tolist()
                 cap.part_stats |= {id(params[pn]): tuple(s) for pn, s in zip(params, stats)}
@@ -110,41 +132,57 @@ def _identity(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t._version
 
 
-def _rows_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, retain: slice, stats: bool, buffer):
-    """G = Σ_n g_n, p_n = ⟨g_n, G⟩ (N,) float64 and, with ``stats``, (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²)
-    (3,) float64, in tiles of G's rows (``TILE_BYTES`` for the N rows' tiles, from ``buffer(numel,
-    dtype, device)``): G's own tile is the only full-size write, as autograd's."""
+def _rows_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, retain: slice, stats: bool, buffer,
+               pair_w: torch.Tensor | None = None):
+    """G = Σ_n g_n, p_n = ⟨g_n, G⟩ (N,) float64; with ``stats``, (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) (3,)
+    float64; with the pairs' weights ``pair_w`` (N, 2), ⟨g_n, Σ_m w_mk g_m⟩ (N, 2) (else None). In
+    tiles of G's rows (``TILE_BYTES`` for the N rows' tiles, from ``buffer(numel, dtype, device)``):
+    G's own tile is the only full-size write, as autograd's."""
     L, R = (A, D) if conv1d else (D, A)                      # G = Σ_n L_nᵀ R_n: (rows, cols)
     N, rows, cols = L.shape[0], L.shape[-1], R.shape[-1]
     Lt = L.transpose(1, 2)                                   # (N, rows, T)
-    tile = max(1, min(rows, TILE_BYTES // (N * cols * D.element_size())))
+    budget = TILE_BYTES if D.device.type == "cpu" else ACCELERATOR_TILE_BYTES
+    tile = max(1, min(rows, budget // (N * cols * D.element_size())))
     G = torch.empty(rows, cols, dtype=D.dtype, device=D.device)
     scratch = buffer(N * tile * cols, D.dtype, D.device)
     p = torch.zeros(N, dtype=D.dtype, device=D.device)
-    # G's tile as one product with the rows' indicators (a reduction with out= would zero it first):
-    # W (1, N) all ones, or with the statistics (3, N): the forget side, the retain rows, all
-    W = torch.ones(3 if stats else 1, N, dtype=D.dtype, device=D.device)
+    # the tile's sums as one product with the rows' weights W (k, N) (a reduction with out= would zero
+    # its output first): with the statistics the forget side's and the retain rows' indicators first,
+    # then all ones (G), then the pairs' two weight columns
+    o = 2 if stats else 0
+    W = torch.ones(o + (3 if pair_w is not None else 1), N, dtype=D.dtype, device=D.device)
     if stats:
         W[0, retain] = 0
         W[1] = 1 - W[0]
+    if pair_w is not None:
+        W[o + 1:] = pair_w.T
     dots = torch.zeros(2, 2, dtype=D.dtype, device=D.device) if stats else None       # the parts' Gram
-    B = torch.empty(3, tile * cols, dtype=D.dtype, device=D.device) if stats else None  # G_f, G_r, G tiles
+    B = torch.empty(len(W), tile * cols, dtype=D.dtype, device=D.device) if len(W) > 1 else None
+    prods = torch.zeros(N, len(W) - o, dtype=D.dtype, device=D.device) if pair_w is not None else None
     for k in range(0, rows, tile):
         h = min(tile, rows - k)
         X = scratch[:N * h * cols].view(N, h, cols)
         torch.bmm(Lt[:, k:k + h], R, out=X)                  # (N, h, cols): each row's gradient tile
         X2, Gk = X.view(N, -1), G[k:k + h].view(-1)
-        if stats:
-            P = B[:, :h * cols]
-            torch.mm(W, X2, out=P)                           # (3, h·cols): G_f, G_r, G on this tile
-            dots.addmm_(P[:2], P[:2].T)                      # [[‖G_f‖², ⟨G_f, G_r⟩], [·, ‖G_r‖²]]
-            Gk.copy_(P[2])
-        else:
+        if B is None:
             torch.mm(W, X2, out=Gk.view(1, -1))
-        p.addmv_(X2, Gk)                                     # p_n += ⟨g_n, G⟩ on this tile
+        else:
+            P = B[:, :h * cols]
+            torch.mm(W, X2, out=P)                           # (k, h·cols): [G_f, G_r,] G[, the pairs' sums]
+            Gk.copy_(P[o])
+            if stats:
+                dots.addmm_(P[:2], P[:2].T)                  # [[‖G_f‖², ⟨G_f, G_r⟩], [·, ‖G_r‖²]]
+        if prods is None:
+            p.addmv_(X2, Gk)                                 # p_n += ⟨g_n, G⟩ on this tile
+        else:
+            prods.addmm_(X2, P[o:].T)                        # (N, 3): ⟨g_n, G⟩, ⟨g_n, Σ_m w_m g_m⟩ per risk
+    if prods is not None:
+        p, pairs = prods[:, 0], prods[:, 1:].double()
+    else:
+        pairs = None
     if stats:
         dots = torch.stack([dots[0, 1], dots[0, 0], dots[1, 1]]).double()
-    return G, p.double(), dots
+    return G, p.double(), dots, pairs
 
 
 def _sum_outside(X: torch.Tensor, r: slice, N: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,6 +202,15 @@ def _three(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(⟨x, y⟩, ‖x‖², ‖y‖²) (3,) float64."""
     xf, yf = x.reshape(-1), y.reshape(-1)
     return torch.stack([torch.dot(xf, yf), torch.dot(xf, xf), torch.dot(yf, yf)]).double()
+
+
+def wanted(setting: str, device: torch.device) -> bool:
+    """Whether to take the instance form: ``setting`` (:attr:`ProfileConfig.instance_form`) on, off, or
+    auto (on CPU only: there two cached passes cost less than one more product; on a GPU the product
+    runs at matmul throughput while the passes are memory-bound, and no measurement says which wins)."""
+    if ENABLED is not None:
+        return ENABLED
+    return setting == "on" or (setting == "auto" and device.type == "cpu")
 
 
 def eligible_linear(model: torch.nn.Module, assignment: dict[str, str]) -> dict[str, torch.nn.Module]:

@@ -102,7 +102,8 @@ class RoutedLinear:
         return _Site(self, name, _CONV1D is not None and isinstance(mod, _CONV1D))
 
     def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
-        """(weight gradient, bias gradient or None) of the armed backward; D (N, T, out), A (N, T, in)."""
+        """(weight gradient, bias gradient or None) of the armed backward, or None for autograd's;
+        D (N, T, out), A (N, T, in)."""
         raise NotImplementedError
 
     def _hook(self, name: str):
@@ -284,11 +285,12 @@ class _PartsLinear(torch.autograd.Function):
         N, d_in, d_out = x.shape[0], x.shape[-1], grad_out.shape[-1]
         D = grad_out.reshape(N, -1, d_out).to(weight.dtype)                       # (N, T, out)
         A = x.reshape(N, -1, d_in).to(weight.dtype)                               # (N, T, in)
-        if not site.owner.armed:             # any other backward through the layer: autograd's gradient
+        grads = site.owner.weight_grads(site, D, A, ctx.has_bias) if site.owner.armed else None
+        if grads is None:                    # any other backward through the layer: autograd's gradient
             gw = _part(*((A, D) if site.conv1d else (D, A)), [slice(0, N)])
             gb = D.reshape(-1, d_out).sum(0) if ctx.has_bias else None
             return gx, gw, gb, None, None
-        return gx, *site.owner.weight_grads(site, D, A, ctx.has_bias), None, None
+        return gx, *grads, None, None
 
 
 def _split_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, forget: list[slice], retain: list[slice],
