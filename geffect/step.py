@@ -10,7 +10,9 @@ else rebuilds a step. One call:
 2. from those, without a second backward: the conflict statistics of the two parts and PCGrad's
    update in ``.grad`` (:mod:`geffect.engine.parts`; streamed, Linear layers take them from the
    G-effects' per-row products and Gram sums, :mod:`geffect.engine.gram`), and the Fig. 5b pairs
-   (:mod:`geffect.engine.pairs`);
+   (:mod:`geffect.engine.pairs`). Streamed on the reuse path (on CPU by default), the Linear layers'
+   products, statistics and pairs are formed inside the training backward itself, each row's own
+   weight gradient tile by tile (:mod:`geffect.engine.instanceform`);
 3. the engine's records along ∇L (direction ``grad``), before clipping and before the optimizer
    allocates its state, so the captured tensors are freed first;
 4. clipping and the optimizer update; along the update −Δθ/η (direction ``update``), the records

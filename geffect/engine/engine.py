@@ -208,10 +208,10 @@ class Engine:
         taken the moment its gradient is complete, ``on_modules(names, products)`` is called for anything
         else to take from them (``products``: each module's per-row products along its ``.grad``, not
         yet divided by the reuse path's c_i, over the forget and retain rows), and their captured
-        tensors are freed during the backward. Linear layers take their products in Gram form where
-        cheaper (:mod:`geffect.engine.gramrows`), with the parts' conflict statistics into
-        ``cap.part_stats`` when ``parts_stats`` and the Fig. 5b pairs into ``cap.pair_products``
-        when ``pairs``.
+        tensors are freed during the backward. Linear layers take their products from ``form`` when
+        given, else in Gram form where cheaper (:mod:`geffect.engine.gramrows`), with the parts'
+        conflict statistics into ``cap.part_stats`` when ``parts_stats`` and the Fig. 5b pairs into
+        ``cap.pair_products`` when ``pairs``.
         ``phases`` (:class:`geffect.timing.Phases`): the streamed inner products count as ``effects``.
         ``form`` (:class:`geffect.engine.instanceform.InstanceForm`, streamed reuse path): armed for
         the training backward, its Linear layers' products formed there.
