@@ -81,7 +81,8 @@ class UnlearnConfig:
     reference_device: str | None = opt(None, "device of θ_o's frozen copy (default: the model's), e.g. cpu")
     keep_freed_memory: bool = opt(True, "CPU, glibc: keep freed memory in the process for reuse (no heap "
                                         "trimming, no fresh mmaps for large blocks) so steps stop faulting in fresh "
-                                        "pages; resident memory stays at its peak (geffect/engine/allocator.py)")
+                                        "pages, and back large tensors with transparent huge pages where the kernel "
+                                        "allows; resident memory stays at its peak (geffect/engine/allocator.py)")
     checkpoint_every: int = opt(0, "save a checkpoint (weights, optimizer, random states, data position) every N "
                                    "steps into OUT.partial/checkpoint for geffect resume; 0 = only when stopped by "
                                    "Ctrl-C or SIGTERM", min=0)

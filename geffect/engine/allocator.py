@@ -17,11 +17,20 @@ snapshot are 2.2 GB, faulted in afresh for every candidate). Resident memory the
 peak already reached,
 which is what peak-memory figures report anyway. The same is done from the shell with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1``. Elsewhere than glibc it does nothing.
+
+The pages that are still faulted in (the heap grows while a new batch shape reaches a new peak,
+and the group-only path's heap grew by ~70 MB in a median step) cost one fault per 4 KiB: torch
+backs its large CPU tensors (≥ 2 MiB) with transparent huge pages when ``THP_MEM_ALLOC_ENABLE`` is
+set (read at its first large allocation; the kernel must allow ``madvise``), one fault per 2 MiB.
+With varying batches in one process, GD's group-only step went from 19 k faults and 2.55 s to
+~300 faults and 2.34 s (plain step 2.13–2.22 s, unchanged).
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1   # mallopt parameter numbers, <malloc.h>
 M_MMAP_MAX = -4
@@ -41,4 +50,19 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+    huge_pages()
     return _applied
+
+
+def huge_pages(setting: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled")) -> bool:
+    """Ask torch to back its large CPU tensors with transparent huge pages, where the kernel allows
+    it (``madvise`` or ``always``) and the user has not set ``THP_MEM_ALLOC_ENABLE``; True if asked.
+    Takes effect only if torch has not made a large CPU tensor yet (it reads the variable once)."""
+    try:
+        mode = setting.read_text()
+    except OSError:
+        return False
+    if "[never]" in mode or "THP_MEM_ALLOC_ENABLE" in os.environ:
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True
