@@ -97,6 +97,7 @@ class Step:
         self._capturer = engine       # PCGrad without profiling captures through an engine of its own
         self._groups_of: dict[int, str] | None = None
         self._parts_form = self._instance_form = None
+        self._known_squares: dict[int, tuple] = {}     # group-only: id(param) -> (.grad, version, ‖.grad‖²)
         self._instance_layers: dict[str, torch.nn.Module] | None = None
 
     def capturer(self) -> Engine:
@@ -156,6 +157,7 @@ class Step:
                  clip: float | None = None) -> StepResult:
         t0 = time.perf_counter()
         self.phases = ph = Phases()
+        self._known_squares = {}
         method, engine = self.method, self.engine if due.any else None
         direction = engine.cfg.direction if engine else "grad"
         if direction == "update" and optimizer is None:
@@ -235,6 +237,7 @@ class Step:
                     res.effects.append(group_effects(self.model, engine.assignment, engine.groups, per_tensor,
                                                      keep_first, *factors, mb.batch.segments, cap))
                 scalars = per_tensor if parts_due else {}
+                self._known_squares = known_squares(self.params, per_tensor, keep_first)
                 cap = None
             if cap is not None:
                 captured.append(Captured(cap, mb.batch.segments, mb.forget_index, mb.retain_index,
@@ -272,19 +275,23 @@ class Step:
 
     def _check(self, res: StepResult, captured: list[Captured] = ()) -> None:
         """‖∇L‖ and whether the loss and the gradient are finite. One pass over the gradients, less
-        those whose ‖.grad‖² the engine already took from the finished gradient (streamed Linear layers)."""
-        known, rest = [], []
+        those whose ‖.grad‖² the engine already took from the finished gradient (streamed Linear layers,
+        group-only's per-tensor dots)."""
+        known, rest, host, on_host = [], [], 0.0, False
         for p in self.params:
             if p.grad is None:
+                continue
+            hit = self._known_squares.get(id(p))           # group-only: from the parts' dots, on the host
+            if hit is not None and hit[0] is p.grad and hit[1] == p.grad._version:
+                host, on_host = host + hit[2], True
                 continue
             sq = None if self.world.active else next(
                 (s for c in captured if (s := c.cap.known_grad_square(p)) is not None), None)
             (known if sq is not None else rest).append(sq if sq is not None else p.grad)
-        if known:
-            total = torch.stack(known).sum()
-            if rest:
-                total = total + torch.nn.utils.get_total_norm(rest).double().square()
-            res.grad_norm = total.sqrt().item()
+        if known or on_host:
+            parts = ([torch.stack(known).sum()] if known else []) + (
+                [torch.nn.utils.get_total_norm(rest).double().square()] if rest else [])
+            res.grad_norm = math.sqrt(host + (sum(parts).item() if parts else 0.0))
         else:
             res.grad_norm = self.world.grad_norm(rest)
         if not math.isfinite(res.losses["loss"]):
@@ -457,6 +464,23 @@ class Step:
             with ph("probe"):
                 res.effects.append(Effects.concat([engine.effects([c], V, source="probe", release=not shared)
                                                    for c in chunks]))
+
+
+def known_squares(params: list[torch.nn.Parameter], per_tensor: dict[int, tuple], keep_first: bool) -> dict:
+    """Group-only: each tensor's ‖.grad‖² from its parts' dots (X, Y) = (g_f, g_r) with ``.grad`` = X + Y
+    (``keep_first``: ‖X‖² + 2⟨X, Y⟩ + ‖Y‖²), else ``.grad`` = Y (GA): ‖Y‖². Where X + Y nearly cancels
+    (below 1e-3 of ‖X‖² + ‖Y‖²) the sum would lose digits: left to a pass over the gradient.
+    -> {id(param): (.grad, its version, ‖.grad‖²)} for the step's gradient norm."""
+    out = {}
+    for p in params:
+        v = per_tensor.get(id(p))
+        if v is None or p.grad is None:
+            continue
+        xy, xx, yy = v
+        sq, scale = (xx + 2 * xy + yy, xx + yy) if keep_first else (yy, yy)
+        if sq >= 1e-3 * scale:
+            out[id(p)] = (p.grad, p.grad._version, sq)
+    return out
 
 
 def two_passes(first, second, dots: TwoPassDots):

@@ -189,3 +189,30 @@ def test_a_linear_call_outside_the_parts_form_is_an_error(monkeypatch):
     step = Step(model, method, None, None, Engine(model, ProfileConfig(instances=False)))
     with pytest.raises(RuntimeError, match=r"layers\.0\.mlp\.up_proj\.weight has a gradient but took no parts"):
         step([micro_batch(tok, method, tiny_data(3, 2))], Due(effects=True))
+
+
+@pytest.mark.parametrize("spec", ["gd", "ga"])
+def test_group_only_gradient_norm_from_the_parts_dots(spec, monkeypatch):
+    """‖∇L‖ of a group-only step, every tensor's ‖.grad‖² taken from its parts' dots (GD:
+    ‖g_f‖² + 2⟨g_f, g_r⟩ + ‖g_r‖²; GA: ‖g_f‖²), equals the plain step's (every gradient read)."""
+    from helpers import tiny_model
+
+    import geffect.step
+    lm = tiny_model("tiny-llama", seed=0)
+    model, method = lm.model, method_of(spec)
+    ctx, ref = setup(model, method)
+    mb = micro_batch(lm.tokenizer, method, tiny_data())
+    made = []
+    squares = geffect.step.known_squares
+
+    def spy(*a):
+        out = squares(*a)
+        made.append(out)
+        return out
+    monkeypatch.setattr(geffect.step, "known_squares", spy)
+    grouped = Step(model, method, ref, ctx, Engine(model, ProfileConfig(instances=False)))(
+        [mb], Due(effects=True, conflicts=True))
+    plain = Step(model, method, ref, ctx)([mb])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(made) == 1 and len(made[0]) == len(trainable)        # every tensor's square from its dots
+    assert grouped.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
