@@ -76,13 +76,29 @@ def test_gram_form_gives_the_matmul_forms_effects_and_conflicts(monkeypatch, kin
     for split in ("forget", "retain"):
         x, y = getattr(a, split), getattr(b, split)
         assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, split
-    assert len(res[False].conflicts) == len(res[True].conflicts)
     assert (len(res[True].conflicts) > 0) == (spec != "ga")          # global and per group (GA: no retain part)
-    for c0, c1 in zip(res[False].conflicts, res[True].conflicts):
+    assert_same_conflicts(res[False].conflicts, res[True].conflicts)
+
+
+def padded(mb, tok, k: int):
+    """The micro-batch with k more padding columns (no token, no label, no attention)."""
+    from dataclasses import replace
+    batch, pad = mb.batch, tok.pad_token_id
+    n = len(batch.input_ids)
+    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
+                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
+                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
+    return replace(mb, batch=wide)
+
+
+def assert_same_conflicts(want: list[dict], got: list[dict]) -> None:
+    """Every conflict record equal, float32 dots to their scale: ⟨g_f, g_r⟩ to a share of
+    ‖g_f‖‖g_r‖, not of itself (it may be near 0)."""
+    assert len(want) == len(got)
+    for c0, c1 in zip(want, got):
         assert c0.keys() == c1.keys()
         for k, v in c0.items():
             if isinstance(v, float):
-                # float32 dots: ⟨g_f, g_r⟩ to a share of ‖g_f‖‖g_r‖, not of itself (it may be near 0)
                 n1n2 = c0["norm_forget"] * c0["norm_retain"]
                 tol = {"cosine": {"abs": 1e-5}, "dot": {"abs": 1e-5 * n1n2},
                        "removed_norm": {"abs": 1e-3 * n1n2 ** 0.5}}.get(k, {"rel": 1e-4, "abs": 1e-6})
@@ -133,21 +149,16 @@ def test_layers_reading_one_input_share_its_gram(monkeypatch):
 def test_padding_changes_nothing_in_gram_form(monkeypatch, kind):
     """Extra padding columns change no per-instance value; the Gram form sums over the positions
     that carry a cotangent only (found once per step, the padding's checked in every layer)."""
-    from dataclasses import replace
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     monkeypatch.setattr(gramrows, "FORCE", True)
     method = method_of("npo+gd")
     ctx, ref = setup(model, method)
     perturb(model, ref)
     mb = micro_batch(tok, method, tiny_data())
-    batch, k, pad = mb.batch, 7, tok.pad_token_id
-    n = len(batch.input_ids)
-    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
-                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
-                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
+    n, k = len(mb.batch.input_ids), 7
     made = record_instances(monkeypatch)
     res = [Step(model, method, ref, ctx, Engine(model))([b], Due(effects=True, conflicts=True))
-           for b in (mb, replace(mb, batch=wide))]
+           for b in (mb, padded(mb, tok, k))]
     assert len(made[1]._dead) >= n * k and len(made[1]._keep) == len(made[0]._keep)
     for split in ("forget", "retain"):
         x, y = getattr(res[0].effects[0], split), getattr(res[1].effects[0], split)

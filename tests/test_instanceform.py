@@ -1,12 +1,11 @@
 """Per-row G-effect products and the parts' statistics of Linear layers formed in the training
 backward (geffect.engine.instanceform) against brute-force per-row gradients and against the matmul
 form they replace (rules.linear_rule, itself tested against one-sample autograd in test_engine.py)."""
-from dataclasses import replace
-
 import pytest
 import torch
 from helpers import method_of, micro_batch, models, setup, tiny_data
 from test_gram import perturb
+from test_gramrows import assert_same_conflicts, padded
 
 from geffect.engine import Due, Engine, gramrows, instanceform
 from geffect.engine.rules import _CONV1D
@@ -114,17 +113,8 @@ def test_instance_form_gives_the_matmul_forms_effects_conflicts_and_gradient(mon
     for n in g0:      # float32 sums in another order: to 1e-5 of the tensor's largest entry
         assert torch.allclose(g1[n], g0[n], rtol=1e-5, atol=1e-5 * g0[n].abs().max().item()), n
     assert fast.grad_norm == pytest.approx(slow.grad_norm, rel=1e-5)
-    assert len(slow.conflicts) == len(fast.conflicts) and (len(fast.conflicts) > 0) == (spec != "ga")
-    for c0, c1 in zip(slow.conflicts, fast.conflicts):
-        assert c0.keys() == c1.keys()
-        for k, v in c0.items():
-            if isinstance(v, float):
-                n1n2 = c0["norm_forget"] * c0["norm_retain"]
-                tol = {"cosine": {"abs": 1e-5}, "dot": {"abs": 1e-5 * n1n2},
-                       "removed_norm": {"abs": 1e-3 * n1n2 ** 0.5}}.get(k, {"rel": 1e-4, "abs": 1e-6})
-                assert c1[k] == pytest.approx(v, **tol), (k, c0, c1)
-            else:
-                assert c1[k] == v, k
+    assert (len(fast.conflicts) > 0) == (spec != "ga")
+    assert_same_conflicts(slow.conflicts, fast.conflicts)
 
 
 def test_a_gradient_holding_anything_else_is_left_to_the_other_forms(monkeypatch):
@@ -153,13 +143,8 @@ def test_padding_changes_nothing_in_the_instance_form(monkeypatch, kind):
     model, tok = next((m, t) for k, m, t in models() if k == kind)
     method = method_of("npo+gd")
     mb = micro_batch(tok, method, tiny_data())
-    batch, k, pad = mb.batch, 7, tok.pad_token_id
-    n = len(batch.input_ids)
-    wide = type(batch)(torch.cat([batch.input_ids, torch.full((n, k), pad)], 1),
-                       torch.cat([batch.attention_mask, torch.zeros(n, k, dtype=torch.long)], 1),
-                       torch.cat([batch.labels, torch.full((n, k), -100)], 1), batch.segments)
     taken: list[str] = []
-    res = [profiled(model, tok, "npo+gd", True, monkeypatch, taken, batch=b)[0] for b in (mb, replace(mb, batch=wide))]
+    res = [profiled(model, tok, "npo+gd", True, monkeypatch, taken, batch=b)[0] for b in (mb, padded(mb, tok, 7))]
     assert set(taken) == _linear_names(model)          # (each layer taken in both steps)
     assert_same_effects(res[0], res[1], tol=1e-4)
     for c0, c1 in zip(res[0].conflicts, res[1].conflicts):
