@@ -105,12 +105,14 @@ class InstanceForm(RoutedLinear):
             if (site.calls != 1 or not values or set(values) != set(params)
                     or any(p.grad is None for p in params.values())):
                 continue
-            # the identity check (one host read): Σ_n p_n = ‖.grad‖² for each parameter; when autograd kept
-            # the very gradient the form made, unwritten since, it holds as Σ_n p_n = ⟨Σ_n g_n, G⟩ (no pass)
-            checks = torch.stack([t for pn, p in params.items() for t in (
+            # the identity check: Σ_n p_n = ‖.grad‖² for each parameter; when autograd kept the very
+            # gradient the form made, unwritten since, it holds as Σ_n p_n = ⟨Σ_n g_n, G⟩ (no pass). Read
+            # with the statistics in one host transfer
+            checks = [t for pn, p in params.items() for t in (
                 values[pn][0].sum(), cap.grad_square(p, values[pn][0].sum() if _identity(p.grad) == values[pn][2]
-                                                     else None))])
-            got = checks.tolist()
+                                                     else None))]
+            stats = [values[pn][1] for pn in params] if self.stats else []
+            got = torch.cat([torch.stack(checks)] + stats).tolist()
             if not all(abs(got[2 * i] - got[2 * i + 1]) <= TOL * got[2 * i + 1] for i in range(len(params))):
                 continue
             products[n] = sum(values[pn][0][span] for pn in params).float()
@@ -120,9 +122,9 @@ class InstanceForm(RoutedLinear):
                 rows = sum(values[pn][3] for pn in params)[side].float()                # (n_side, 2)
                 cap.pair_products[n] = torch.zeros(n_f, 2, dtype=torch.float32, device=rows.device).index_add_(
                     0, owner[side], rows)
-            if self.stats:
-                stats = torch.stack([values[pn][1] for pn in params]).tolist()
-                cap.part_stats |= {id(params[pn]): tuple(s) for pn, s in zip(params, stats)}
+            if self.stats:                            # (⟨G_f, G_r⟩, ‖G_f‖², ‖G_r‖²) per parameter, after the checks
+                flat = got[2 * len(params):]
+                cap.part_stats |= {id(params[pn]): tuple(flat[3 * i:3 * i + 3]) for i, pn in enumerate(params)}
             done.append(n)
         return done
 
