@@ -34,7 +34,7 @@ import torch
 
 from geffect.engine.capture import Capture
 from geffect.engine.gramrows import TOL
-from geffect.engine.partsform import RoutedLinear, _Site
+from geffect.engine.partsform import RoutedLinear, _Site, _three
 
 TILE_BYTES = 2 * 2 ** 20      # the N rows' gradients of one tile of G's rows: cached while summed and dotted (CPU)
 ACCELERATOR_TILE_BYTES = 256 * 2 ** 20   # elsewhere: few tiles (each is a handful of kernel launches)
@@ -55,14 +55,6 @@ class InstanceForm(RoutedLinear):
         super().__init__({n: m for n, m in linear.items() if m.weight.dtype in _FAST_DTYPES})
         self.rows, self.retain, self.stats = rows, retain, stats
         self.pairs: tuple | None = None
-        self._buffer: torch.Tensor | None = None
-
-    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Scratch for one tile of the rows' gradients, shared by every layer."""
-        b = self._buffer
-        if b is None or b.dtype != dtype or b.device != device or b.numel() < numel:
-            self._buffer = b = torch.empty(numel, dtype=dtype, device=device)
-        return b
 
     def arm(self, on: bool = True, pairs: tuple | None = None) -> None:
         """``pairs``: the Fig. 5b pairs are due, with :func:`geffect.engine.gramrows.pair_weights`'
@@ -79,7 +71,7 @@ class InstanceForm(RoutedLinear):
             return None
         r = self.retain
         w = self.pairs[1].to(D.dtype) if self.pairs is not None else None                # (N, 2)
-        gw, p, stats, pairs = _rows_grad(D, A, site.conv1d, r, self.stats, self.buffer, w)
+        gw, p, stats, pairs = _rows_grad(D, A, site.conv1d, r, self.stats, self.scratch, w)
         site.values["weight"] = (p, stats, _identity(gw), pairs)
         gb = None
         if has_bias:
@@ -198,12 +190,6 @@ def _sum_outside(X: torch.Tensor, r: slice, N: int, out: torch.Tensor | None = N
     for s in parts[1:]:
         out.add_(X[s].sum(0))
     return out
-
-
-def _three(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(⟨x, y⟩, ‖x‖², ‖y‖²) (3,) float64."""
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    return torch.stack([torch.dot(xf, yf), torch.dot(xf, xf), torch.dot(yf, yf)]).double()
 
 
 def wanted(setting: str, device: torch.device) -> bool:

@@ -83,6 +83,7 @@ class RoutedLinear:
         self.sites: dict[str, _Site] = {}
         self.armed = False
         self._handles: list = []
+        self._scratch: torch.Tensor | None = None
 
     def __enter__(self) -> Self:
         for name, mod in self.linear.items():
@@ -100,6 +101,13 @@ class RoutedLinear:
 
     def site(self, name: str, mod: torch.nn.Module) -> _Site:
         return _Site(self, name, _CONV1D is not None and isinstance(mod, _CONV1D))
+
+    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of at least ``numel`` elements for one tile, shared by every layer."""
+        b = self._scratch
+        if b is None or b.dtype != dtype or b.device != device or b.numel() < numel:
+            self._scratch = b = torch.empty(numel, dtype=dtype, device=device)
+        return b
 
     def weight_grads(self, site: _Site, D: torch.Tensor, A: torch.Tensor, has_bias: bool):
         """(weight gradient, bias gradient or None) of the armed backward, or None for autograd's;
@@ -133,7 +141,6 @@ class PartsForm(RoutedLinear):
         self.retain = [r] if r.stop > r.start else []
         self.tied_ids = tied_ids                                     # output projection -> (U,) token ids
         self.streamed: dict[int, tuple[float, float, float]] = {}   # captured modules' values (stream)
-        self._scratch: torch.Tensor | None = None
 
     def site(self, name: str, mod: torch.nn.Module) -> _Site:
         s = super().site(name, mod)
@@ -157,13 +164,6 @@ class PartsForm(RoutedLinear):
             site.dots["bias"] = _three(bf, br)
             gb = bf.add_(br) if self.keep_retain else bf
         return gw, gb
-
-    def scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of at least ``numel`` elements for the retain part's tile, shared by every layer."""
-        b = self._scratch
-        if b is None or b.dtype != dtype or b.device != device or b.numel() < numel:
-            self._scratch = b = torch.empty(numel, dtype=dtype, device=device)
-        return b
 
     def stream(self, cap: Capture, segments: dict[str, slice]) -> None:
         """Take each captured module's values the moment its gradient completes and free its tensors
