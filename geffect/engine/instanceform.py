@@ -134,42 +134,49 @@ def _rows_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, retain: slice, st
     G's own tile is the only full-size write, as autograd's."""
     L, R = (A, D) if conv1d else (D, A)                      # G = Σ_n L_nᵀ R_n: (rows, cols)
     N, rows, cols = L.shape[0], L.shape[-1], R.shape[-1]
-    Lt = L.transpose(1, 2)                                   # (N, rows, T)
     budget = TILE_BYTES if D.device.type == "cpu" else ACCELERATOR_TILE_BYTES
     tile = max(1, min(rows, budget // (N * cols * D.element_size())))
     G = torch.empty(rows, cols, dtype=D.dtype, device=D.device)
-    scratch = buffer(N * tile * cols, D.dtype, D.device)
     p = torch.zeros(N, dtype=D.dtype, device=D.device)
     # the tile's sums as one product with the rows' weights W (k, N) (a reduction with out= would zero
-    # its output first): with the statistics the forget side's and the retain rows' indicators first,
-    # then all ones (G), then the pairs' two weight columns
+    # its output first): with the statistics the forget side's and the retain rows' indicators first;
+    # then all ones (G), unless the two parts are there to sum (no pairs); then the pairs' two weight columns
     o = 2 if stats else 0
-    W = torch.ones(o + (3 if pair_w is not None else 1), N, dtype=D.dtype, device=D.device)
+    ones = pair_w is not None or not stats
+    W = torch.ones(o + ones + (2 if pair_w is not None else 0), N, dtype=D.dtype, device=D.device)
     if stats:
         W[0, retain] = 0
         W[1] = 1 - W[0]
     if pair_w is not None:
         W[o + 1:] = pair_w.T
     dots = torch.zeros(2, 2, dtype=D.dtype, device=D.device) if stats else None       # the parts' Gram
-    B = torch.empty(len(W), tile * cols, dtype=D.dtype, device=D.device) if len(W) > 1 else None
-    prods = torch.zeros(N, len(W) - o, dtype=D.dtype, device=D.device) if pair_w is not None else None
-    for k in range(0, rows, tile):
-        h = min(tile, rows - k)
-        X = scratch[:N * h * cols].view(N, h, cols)
-        torch.bmm(Lt[:, k:k + h], R, out=X)                  # (N, h, cols): each row's gradient tile
-        X2, Gk = X.view(N, -1), G[k:k + h].view(-1)
-        if B is None:
-            torch.mm(W, X2, out=Gk.view(1, -1))
+    Pfull = torch.empty(len(W), tile * cols, dtype=D.dtype, device=D.device) if len(W) > 1 else None
+    prods = torch.zeros(N, 3, dtype=D.dtype, device=D.device) if pair_w is not None else None
+    scratch = buffer(N * tile * cols, D.dtype, D.device)
+    views = None
+    # every full tile reuses one set of views: a handful of kernels per tile, no indexing
+    for Lk, Gk in zip(L.transpose(1, 2).split(tile, 1), G.view(-1).split(tile * cols)):   # (N, h, T), (h·cols,)
+        h = Lk.shape[1]
+        if views is None or h != tile:
+            X = scratch[:N * h * cols].view(N, h, cols)       # each row's gradient tile
+            P = Pfull[:, :h * cols] if Pfull is not None else None
+            views = X, X.view(N, -1), P, (P[:2], P[:2].T) if stats else None, P[o:].T if prods is not None else None
+        X, X2, P, P2, PoT = views
+        torch.bmm(Lk, R, out=X)                              # (N, h, cols)
+        if P is None:
+            torch.mm(W, X2, out=Gk.view(1, -1))              # G's tile
         else:
-            P = B[:, :h * cols]
-            torch.mm(W, X2, out=P)                           # (k, h·cols): [G_f, G_r,] G[, the pairs' sums]
-            Gk.copy_(P[o])
+            torch.mm(W, X2, out=P)                           # (k, h·cols): [G_f, G_r,] [G,] [the pairs' sums]
+            if ones:
+                Gk.copy_(P[o])
+            else:
+                torch.add(P[0], P[1], out=Gk)
             if stats:
-                dots.addmm_(P[:2], P[:2].T)                  # [[‖G_f‖², ⟨G_f, G_r⟩], [·, ‖G_r‖²]]
+                dots.addmm_(*P2)                             # [[‖G_f‖², ⟨G_f, G_r⟩], [·, ‖G_r‖²]]
         if prods is None:
             p.addmv_(X2, Gk)                                 # p_n += ⟨g_n, G⟩ on this tile
         else:
-            prods.addmm_(X2, P[o:].T)                        # (N, 3): ⟨g_n, G⟩, ⟨g_n, Σ_m w_m g_m⟩ per risk
+            prods.addmm_(X2, PoT)                            # (N, 3): ⟨g_n, G⟩, ⟨g_n, Σ_m w_m g_m⟩ per risk
     if prods is not None:
         p, pairs = prods[:, 0], prods[:, 1:].double()
     else:
