@@ -9,7 +9,7 @@ from helpers import method_of, micro_batch, models, setup, tiny_data
 from transformers.pytorch_utils import Conv1D
 
 import geffect.step
-from geffect.engine import Due, Engine, gram, gramrows, instanceform
+from geffect.engine import Due, Engine, gram, gramrows, instanceform, normrows
 from geffect.engine.engine import Captured
 from geffect.engine.parts import part_scalars
 from geffect.step import Step
@@ -79,9 +79,12 @@ def test_streamed_statistics_equal_the_formed_forget_gradient(monkeypatch, kind,
     # unless in Gram form with their products) took the fast path
     if gram_form in ("rows", "instance"):
         linear |= {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
-    assert fast_names and fast_names <= linear | {n for n, m in model.named_modules()
-                                                  if isinstance(m, torch.nn.Embedding)}
-    assert linear <= fast_names
+    # and every normalisation layer (its rows' gradients, geffect.engine.normrows)
+    norms = {n for n, m in model.named_modules() if isinstance(m, normrows._NORMS)}
+    assert norms
+    assert fast_names and fast_names <= linear | norms | {n for n, m in model.named_modules()
+                                                          if isinstance(m, torch.nn.Embedding)}
+    assert linear | norms <= fast_names
 
 
 def _captured_step(model, tok, spec):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from geffect.config import ProfileConfig, parse_boundaries, parse_group_map
+from geffect.engine import normrows
 from geffect.engine.capture import Capture
 from geffect.engine.gramrows import GramRows, pair_weights
 from geffect.engine.groups import GROUPS, assign_groups, group_names
@@ -267,6 +268,8 @@ class Engine:
             with torch.no_grad(), phases("effects") if phases is not None else nullcontext():
                 formed = form.take(cap, names, products, span) if form is not None else []
                 taken = formed + gram_rows.take(names, products, skip=formed)
+                taken += normrows.take(cap, [n for n in names if n not in taken], products, span,
+                                       segments["retain"], parts_stats)
                 for n in taken:
                     add(cap.assignment[n], products[n])
                 rest = [n for n in names if n not in taken]
