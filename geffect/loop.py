@@ -9,11 +9,13 @@ the run (``--on-nonfinite``), its records kept.
 """
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -84,7 +86,7 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
         if carry.get("before") is None:
             carry["before"] = evaluate(s.model)
         groups = step.engine.groups if step.engine else list(GROUPS)
-        with RecordWriter(run.path, groups, resume_after=start - 1 if resume else None) as rec:
+        with RecordWriter(run.path, groups, resume_after=start - 1 if resume else None) as rec, setup_frozen():
             s.model.train()
             bar = tqdm(range(start, n_steps), desc=f"{'profile' if profile else 'unlearn'} {s.method.name}",
                        disable=not cfg.progress, initial=start, total=n_steps)
@@ -269,3 +271,17 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def setup_frozen():
+    """The steps run with everything allocated before them (the model, tokenizer, data: ~400k Python
+    objects for SmolLM2) out of the cyclic garbage collector's generations (``gc.freeze``): its full
+    collections, which fall inside the steps' forward and backward, then traverse only what the steps
+    allocate (measured through the CLI: ~90 ms each against 400k objects). Unfrozen after the loop."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -146,3 +146,31 @@ def test_clipping_leaves_the_grad_direction_raw_and_scales_the_update(small_data
     ratio = run(10.0, "update")[live] / raw[live]
     assert 0 < ratio.min() and ratio.max() < 0.5           # the clip is active
     assert ratio.max() - ratio.min() <= 1e-5 * ratio.max()  # one factor for everything
+
+
+def test_the_steps_run_with_the_setup_frozen_out_of_the_collector(small_data, monkeypatch):
+    """gc.freeze() around the loop: every step sees the setup's objects frozen, and they are
+    unfrozen after (as they were before the run), also when the run fails."""
+    import gc
+
+    from geffect.step import Step
+    counts, call = [], Step.__call__
+
+    def spy(self, *a, **k):
+        counts.append(gc.get_freeze_count())
+        return call(self, *a, **k)
+    monkeypatch.setattr(Step, "__call__", spy)
+    f, r = small_data
+    before = gc.get_freeze_count()
+    unlearn(UnlearnConfig(method="ga", model="tiny-llama", forget=f, retain=r, steps=2, progress=False,
+                          save_model=False))
+    assert len(counts) == 2 and all(c > before + 1000 for c in counts)
+    assert gc.get_freeze_count() == before
+
+    def fail(self, *a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(Step, "__call__", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        unlearn(UnlearnConfig(method="ga", model="tiny-llama", forget=f, retain=r, steps=2, progress=False,
+                              save_model=False))
+    assert gc.get_freeze_count() == before
