@@ -336,6 +336,33 @@ def test_token_effects_match_per_token_autograd(tiny, full_logits, monkeypatch):
             assert e[i, t].item() == pytest.approx(want.item(), rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_token_effects_cut_the_columns_padded_in_every_row(tiny, full_logits, monkeypatch):
+    """The forget rows padded further (a batch whose retain rows are longer): the same e_{i,t}, zeros
+    on the added columns, and the forward-mode pass runs on the rows' own length."""
+    from geffect.data.batching import IGNORE, qa
+    from geffect.engine import tokens
+    from geffect.engine.tokens import token_effects
+    monkeypatch.setattr(tokens, "FULL_LOGITS_ONLY", full_logits)
+    model, tok = tiny.model, tiny.tokenizer
+    b = collate(tok, {"forget": qa(tiny_data().forget)}, 128)
+    gen = torch.Generator().manual_seed(0)
+    V = {id(p): torch.randn(p.shape, generator=gen) for p in model.parameters()}
+    e = token_effects(model, b.input_ids, b.attention_mask, b.labels, V)
+    N, T, extra = *b.input_ids.shape, 7
+    ids = torch.cat([b.input_ids, torch.full((N, extra), tok.pad_token_id)], 1)
+    att = torch.cat([b.attention_mask, torch.zeros(N, extra, dtype=b.attention_mask.dtype)], 1)
+    lab = torch.cat([b.labels, torch.full((N, extra), IGNORE)], 1)
+    widths = []
+    real = tokens.functional_call
+    monkeypatch.setattr(tokens, "functional_call", lambda m, ps, a, kw: widths.append(kw["input_ids"].shape[1])
+                        or real(m, ps, a, kw))
+    e_pad = token_effects(model, ids, att, lab, V)
+    assert e_pad.shape == (N, T + extra - 1)
+    assert torch.allclose(e_pad[:, :T - 1], e, rtol=1e-5, atol=1e-7) and (e_pad[:, T - 1:] == 0).all()
+    assert widths and set(widths) == {T}
+
+
 def test_token_effects_average_to_the_instance_pg_effect(tmp_path):
     """In a profile run, the mean of e_{i,t} over an answer's tokens is the instance's PG-effect."""
     import pandas as pd

@@ -34,6 +34,13 @@ def token_effects(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     without one, e.g. frozen ones, keep their values and have a zero direction). Returns (N, T-1),
     zero off the answer tokens.
     """
+    # the forget rows' own length: columns padded in every row (the batch's longer retain rows) are
+    # cut off. Right padding, causal attention: no kept position reads them; zeros there, as off the answers
+    T = input_ids.shape[1]
+    live = attention_mask.bool().any(0).nonzero()
+    keep_T = int(live.max()) + 1 if len(live) else T                       # (one host read)
+    if keep_T < T:
+        input_ids, attention_mask, labels = input_ids[:, :keep_T], attention_mask[:, :keep_T], labels[:, :keep_T]
     named = {k: p for k, p in model.named_parameters() if id(p) in V}     # the directions' parameters only
     primals = {k: (params[k] if params is not None and k in params else p).detach() for k, p in named.items()}
     tangents = {k: V[id(p)].detach().to(p.dtype) for k, p in named.items()}
@@ -53,7 +60,7 @@ def token_effects(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
             _, d_sel = jvp(nll_of, (primals,), (tangents,))
         d_nll = torch.zeros(keep.shape, dtype=d_sel.dtype, device=d_sel.device)
         d_nll[keep] = d_sel
-        return d_nll[:, :-1]                                         # (N, T-1)
+        return _pad_to(d_nll[:, :-1], T - 1)                         # (N, T-1)
 
     def full_nll_of(ps):
         out = functional_call(model, ps, (), kwargs)
@@ -62,7 +69,12 @@ def token_effects(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, d_nll = jvp(full_nll_of, (primals,), (tangents,))
-    return d_nll
+    return _pad_to(d_nll, T - 1)
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, w) -> (N, width) with zero columns on the right (the cut padding columns)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
 def answer_logits_only(model: torch.nn.Module) -> bool:
