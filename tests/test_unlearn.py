@@ -174,3 +174,17 @@ def test_the_steps_run_with_the_setup_frozen_out_of_the_collector(small_data, mo
         unlearn(UnlearnConfig(method="ga", model="tiny-llama", forget=f, retain=r, steps=2, progress=False,
                               save_model=False))
     assert gc.get_freeze_count() == before
+
+
+def test_a_callers_own_freeze_is_left_alone(small_data):
+    """Objects the caller froze before the run stay frozen after it (an unfreeze would empty it)."""
+    import gc
+    f, r = small_data
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        unlearn(UnlearnConfig(method="ga", model="tiny-llama", forget=f, retain=r, steps=1, progress=False,
+                              save_model=False))
+        assert gc.get_freeze_count() > 0.9 * frozen     # (frozen objects freed by refcount leave it)
+    finally:
+        gc.unfreeze()

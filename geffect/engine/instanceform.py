@@ -142,7 +142,7 @@ def _rows_grad(D: torch.Tensor, A: torch.Tensor, conv1d: bool, retain: slice, st
     # its output first): with the statistics the forget side's and the retain rows' indicators first;
     # then all ones (G), unless the two parts are there to sum (no pairs); then the pairs' two weight columns
     o = 2 if stats else 0
-    ones = pair_w is not None or not stats
+    ones = int(pair_w is not None or not stats)      # a row of ones for G itself
     W = torch.ones(o + ones + (2 if pair_w is not None else 0), N, dtype=D.dtype, device=D.device)
     if stats:
         W[0, retain] = 0

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from geffect.engine.capture import Capture
-from geffect.engine.gramrows import TOL
+from geffect.engine.gramrows import _FAST_DTYPES, TOL
 from geffect.engine.rules import _RMS
 
-_FAST_DTYPES = (torch.float32, torch.float64)
 _NORMS = (torch.nn.LayerNorm,) + ((_RMS,) if _RMS is not None else ())
 
 
@@ -50,8 +49,8 @@ def take(cap: Capture, names: list[str], products: dict[str, torch.Tensor], span
             continue
         rec = recs[0]
         params = {pn: p for pn, p in mod._parameters.items() if p is not None and p.requires_grad}
-        if (rec.rows is not None or rec.grad is None or span.stop > rec.grad.shape[0] or rec.train is not rec.grad or not params
-                or not rec.inputs or not torch.is_tensor(rec.inputs[0]) or rec.grad.dim() != 3
+        if (rec.rows is not None or rec.grad is None or rec.train is not rec.grad or not params
+                or span.stop > rec.grad.shape[0] or not rec.inputs or not torch.is_tensor(rec.inputs[0]) or rec.grad.dim() != 3
                 or any(p.grad is None or p.dtype not in _FAST_DTYPES or cap._owners.get(id(p)) != [n]
                        for p in params.values())):
             continue
