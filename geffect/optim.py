@@ -9,9 +9,25 @@ from geffect.config import UnlearnConfig
 
 
 def make_optimizer(cfg: UnlearnConfig, params) -> torch.optim.Optimizer:
+    """AdamW (fused where :func:`fusable`) or SGD over ``params``."""
+    params = list(params)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fusable(params) or None)
     return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch has AdamW's fused kernel for every parameter's device and dtype (CPU and the
+    accelerators, floating point; FSDP2's DTensors on them too). The fused kernel updates each tensor
+    in one pass, in place: the same AdamW update to float rounding, without the default per-tensor
+    path's sqrt/div temporaries (on CPU, SmolLM2-135M: 0.09 s against 0.26 s a step,
+    ``benchmarks/optimizer.py``). Elsewhere (``meta``, integer tensors) the default path."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:       # a torch without the helper: the default path
+        return False
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}

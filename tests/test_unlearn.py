@@ -188,3 +188,33 @@ def test_a_callers_own_freeze_is_left_alone(small_data):
         assert gc.get_freeze_count() > 0.9 * frozen     # (frozen objects freed by refcount leave it)
     finally:
         gc.unfreeze()
+
+
+def test_adamw_takes_the_fused_kernel_where_torch_has_it_with_the_default_paths_update():
+    """make_optimizer's fused AdamW (CPU here) against torch's default per-tensor AdamW from the same
+    start: three steps with weight decay, equal to float rounding; the meta device, which has no fused
+    kernel, gets the default path."""
+    from geffect.optim import fusable, make_optimizer
+    cfg = UnlearnConfig(lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64)]
+    grads = [[torch.randn(t.shape, generator=g, dtype=t.dtype) for t in start] for _ in range(3)]
+
+    def run(opt_of):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = opt_of(ps)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return opt, ps
+
+    ours, got = run(lambda ps: make_optimizer(cfg, ps))
+    _, want = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=False))
+    assert ours.param_groups[0]["fused"] is True
+    for a, b, s in zip(got, want, start):
+        assert not torch.equal(a, s)                         # the steps moved the parameters
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert not fusable(meta) and not make_optimizer(cfg, meta).param_groups[0]["fused"]
+    assert not fusable([])
