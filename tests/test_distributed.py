@@ -117,3 +117,41 @@ def test_torchrun_cli_writes_one_run_directory_equal_to_one_process(tmp_path):
     assert bad.returncode != 0
     assert bad.stderr.count("geffect: error: --forget-batch 1 with 2 processes") == 1
     assert not (tmp_path / "three").exists() and not (tmp_path / "three.partial").exists()
+
+
+def adamw_steps(wrap=lambda m: m) -> tuple[bool, dict[str, torch.Tensor]]:
+    """Three steps of ``make_optimizer``'s AdamW on a tiny Llama (``wrap``: FSDP2 in the worker), each
+    on the gradient of a fixed loss; (whether it took the fused kernel, the full weights after)."""
+    from geffect.config import UnlearnConfig
+    from geffect.models import tiny_model
+    from geffect.optim import make_optimizer
+    model = tiny_model("tiny-llama", seed=0).model
+    wrapped = wrap(model)
+    opt = make_optimizer(UnlearnConfig(lr=1e-2, weight_decay=0.1), [p for p in model.parameters() if p.requires_grad])
+    ids = torch.arange(24).reshape(2, 12) % model.config.vocab_size
+    for _ in range(3):
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return bool(opt.param_groups[0]["fused"]), full
+
+
+def test_fused_adamw_on_fsdp2_shards_gives_the_default_adamws_weights(tmp_path):
+    """Under FSDP2 (2 processes) make_optimizer takes AdamW's fused kernel over the DTensor parameters,
+    and three steps give the weights torch's default AdamW gives on the same sharded gradients, to
+    float rounding. (Against one process, Adam would turn gradients that are rounding noise, e.g.
+    unused embedding rows, into steps of ±lr: the records' equality is tested with SGD above.)"""
+    out = tmp_path / "adamw.pt"
+    proc = _torchrun([str(HERE / "dist_adamw_worker.py"), str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    (fused, ours), (default_fused, want) = got["make_optimizer"], got["default"]
+    assert fused and not default_fused
+    from geffect.models import tiny_model
+    start = dict(tiny_model("tiny-llama", seed=0).model.named_parameters())
+    for name, w in want.items():
+        moved = (w - start[name]).abs().max().item()
+        assert moved > 1e-3, name                                   # the steps moved every tensor
+        torch.testing.assert_close(ours[name], w, rtol=1e-5, atol=1e-5 * moved,
+                                   msg=lambda m, name=name: f"{name}: {m}")
