@@ -468,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     verbs = {"unlearn": cmd_unlearn, "profile": cmd_unlearn, "measure": cmd_measure, "plot": cmd_plot,
              "diagnose": cmd_diagnose, "resume": cmd_resume, "eval": cmd_eval,
              "merge": cmd_merge, "spunge": cmd_spunge}
+    import torch.distributed as dist
+    owns_group = dist.is_available() and not dist.is_initialized()   # a torchrun run's group is made below
     try:
         return verbs[ns.verb](ns)
     except GeffectError as err:
@@ -475,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":     # under torchrun every rank meets the same bad input: say it once
             print(f"geffect: error: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        if owns_group:        # joined before exit, not left to the interpreter; a caller's own group is left alone
+            from geffect.distributed import shutdown
+            shutdown()
 
 
 if __name__ == "__main__":

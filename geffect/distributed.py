@@ -50,6 +50,15 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
 
+def shutdown() -> None:
+    """Destroy the default process group when one is initialised (a torchrun run at its end), so its
+    communication threads are joined before the interpreter exits (a group left to exit can abort a
+    rank: "terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class World:
     """This process's place in the run: rank, world size and the parallel mode (``none`` alone)."""

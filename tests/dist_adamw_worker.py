@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from test_distributed import adamw_steps
 
-from geffect.distributed import World
+from geffect.distributed import World, shutdown
 
 world = World.init("fsdp")
 results = {"make_optimizer": adamw_steps(world.wrap)}
@@ -22,3 +22,4 @@ with mock.patch("geffect.optim.fusable", return_value=False):
     results["default"] = adamw_steps(world.wrap)
 if os.environ.get("RANK") == "0":
     torch.save(results, sys.argv[1])
+shutdown()

@@ -10,6 +10,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_cases import CASES, run_case
 
+from geffect.distributed import shutdown
+
 mode, out = sys.argv[1], sys.argv[2]
 results = {}
 for case in CASES:
@@ -18,3 +20,4 @@ for case in CASES:
         print("done", case, flush=True)
 if os.environ.get("RANK") == "0":
     torch.save(results, out)
+shutdown()
