@@ -155,3 +155,20 @@ def test_fused_adamw_on_fsdp2_shards_gives_the_default_adamws_weights(tmp_path):
         assert moved > 1e-3, name                                   # the steps moved every tensor
         torch.testing.assert_close(ours[name], w, rtol=1e-5, atol=1e-5 * moved,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_cli_leaves_a_process_group_it_did_not_make_alone(tmp_path, capsys):
+    """``geffect.cli.main`` destroys the process group at its end only when it made it (a torchrun run
+    of the CLI); a caller's own group outlives the call, here one whose verb fails on bad input."""
+    import torch.distributed as dist
+
+    from geffect.cli import main
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        code = main(["unlearn", "--model", "tiny-llama", "--forget", str(tmp_path / "missing.json"),
+                     "--out", str(tmp_path / "run"), "--no-progress"])
+        assert code != 0 and "missing.json" in capsys.readouterr().err
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
