@@ -27,7 +27,8 @@ def fusable(params: list[torch.Tensor]) -> bool:
         devices = set(_get_fused_kernels_supported_devices())
     except ImportError:       # a torch without the helper: the default path
         return False
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]   # tensors or param groups
+    return bool(tensors) and all(t.device.type in devices and t.is_floating_point() for t in tensors)
 
 
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}

@@ -217,4 +217,5 @@ def test_adamw_takes_the_fused_kernel_where_torch_has_it_with_the_default_paths_
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
     assert not fusable(meta) and not make_optimizer(cfg, meta).param_groups[0]["fused"]
-    assert not fusable([])
+    assert not fusable([]) and not fusable([{"params": meta}])
+    assert fusable([{"params": [torch.nn.Parameter(torch.zeros(2))]}])     # param groups too
