@@ -152,10 +152,12 @@ class ProfileConfig:
                              "micro-batch and no PCGrad (the pairs steps included)")
     instance_form: str = opt("auto", "where the Linear layers' per-instance products come from along ∇L: on = "
                                      "formed inside the training backward as each row's own weight gradient, "
-                                     "tile by tile (about half an extra weight-gradient product; memory-bound "
-                                     "passes), off = one extra product per layer (matmul or Gram form, at matmul "
-                                     "throughput), auto = on on CPU, where it was measured faster; off elsewhere "
-                                     "(on a GPU unmeasured)", choices=("auto", "on", "off"))
+                                     "tile by tile (memory-bound passes), off = one extra product per layer "
+                                     "(matmul or Gram form, compute-bound); the same values up to rounding. auto "
+                                     "= on CPU, a run of a model with 10M+ Linear weights times both on its first "
+                                     "steps (after one, four steps: on, off, off, on) and keeps the faster "
+                                     "(summary.json's instance_form; reruns may then differ by rounding: fix it "
+                                     "with on/off); smaller models: on; off elsewhere (on a GPU unmeasured)", choices=("auto", "on", "off"))
     blocks_path: str | None = opt(None, "dotted name of the ModuleList of transformer blocks, for a model whose "
                                          "blocks geffect cannot find (e.g. model.layers)")
     group_map: str | None = opt(None, "explicit layer groups for modules geffect cannot place: "

@@ -85,6 +85,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                                            "hyper": asdict(s.method.hyper)} | ({"profile": asdict(profile)} if profile else {}))
         if carry.get("before") is None:
             carry["before"] = evaluate(s.model)
+        if step.engine is not None and carry.get("instance_form") is not None:     # the choice made before
+            step.form_choice(step.engine).restore(carry["instance_form"])
         groups = step.engine.groups if step.engine else list(GROUPS)
         with RecordWriter(run.path, groups, resume_after=start - 1 if resume else None) as rec, setup_frozen():
             s.model.train()
@@ -118,6 +120,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                         stop.requested or cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0):
                     carry["elapsed"] = time.perf_counter() - t_start
                     carry["eval_seconds"] = eval_before + (evaluator.seconds if evaluator else 0.0)
+                    if step.took_form_choice:
+                        carry["instance_form"] = step.form_choice(step.engine).state()
                     checkpoint.save(run.path, k, s.model, optimizer, stream, carry)
                 if stop.requested and not last:
                     raise Interrupted(f"stopped after step {k} of {n_steps}" + (
@@ -136,6 +140,8 @@ def unlearn(cfg: UnlearnConfig, out: str | None = None, hyper: Hyper | None = No
                    "seconds_unlearning": elapsed, "seconds_per_step": elapsed / max(1, n_steps),
                    "device": str(s.device), "dtype": cfg.dtype, "status": stopped or "complete"}
         summary |= ({"groups": groups} if step.engine else {}) | rec.conflict_fraction(n_steps)
+        if step.engine is not None and step.took_form_choice:       # which per-instance form the run took
+            summary["instance_form"] = step.form_choice(step.engine).report()
         if evaluator is not None:
             summary |= {"seconds_eval": carry["eval_seconds"],
                         "eval_after": {r["metric"]: r["value"] for r in final} if not stopped else None}

@@ -34,12 +34,11 @@ import torch
 from geffect.config import ProfileConfig
 from geffect.data.sampling import MicroBatch
 from geffect.distributed import SINGLE, World
-from geffect.engine import instanceform
 from geffect.engine.capture import Capture
 from geffect.engine.engine import Captured, Effects, Engine, Pairs, span_of, training_backward
 from geffect.engine.gram import streamed_part_scalars
 from geffect.engine.grouponly import group_effects, owners, split_factors, tied_embeddings
-from geffect.engine.instanceform import InstanceForm, eligible_linear
+from geffect.engine.instanceform import FormChoice, InstanceForm, eligible_linear
 from geffect.engine.pairs import PairsAccumulator
 from geffect.engine.parts import TwoPassDots, apply_coefficients, part_scalars
 from geffect.engine.partsform import _LINEAR as _PARTS_LINEAR
@@ -52,6 +51,8 @@ from geffect.objectives import functional as fn
 from geffect.reference import Reference
 from geffect.surgery import param_groups, plan
 from geffect.timing import Phases
+
+FORM_PHASES = ("backward", "effects", "conflicts", "pairs")   # what the per-instance form changes
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Step:
         self._parts_form = self._instance_form = None
         self._known_squares: dict[int, tuple] = {}     # group-only: id(param) -> (.grad, version, ‖.grad‖²)
         self._instance_layers: dict[str, torch.nn.Module] | None = None
+        self._form_choice: FormChoice | None = None
 
     def capturer(self) -> Engine:
         if self._capturer is None:
@@ -147,6 +149,18 @@ class Step:
         dev = next(self.model.parameters()).device
         ids = torch.unique(mb.batch.input_ids.to(dev))
         return {n: ids for n, m in linear.items() if id(m.weight) in emb}
+
+    @property
+    def took_form_choice(self) -> bool:
+        """Whether a step of this run could take the instance form (and so chose)."""
+        return self._form_choice is not None
+
+    def form_choice(self, engine: Engine) -> FormChoice:
+        """The run's choice of the Linear layers' per-instance form (:class:`~geffect.engine.instanceform.FormChoice`)."""
+        if self._form_choice is None:
+            self._form_choice = FormChoice(engine.cfg.instance_form, next(self.model.parameters()).device,
+                                           sum(m.weight.numel() for m in self._instance_linear().values()))
+        return self._form_choice
 
     def groups_of(self) -> dict[int, str]:
         if self._groups_of is None:
@@ -201,11 +215,12 @@ class Step:
                   and len(micro) == 1 and not method.pcgrad and not self.world.active)
         # streamed along ∇L on the reuse path: the Linear layers' per-row products formed in the training
         # backward itself (geffect.engine.instanceform)
+        # (the instance form or one more product per layer: on CPU by default timed on the run's first steps)
+        formable = stream and not checkpointing(self.model) and bool(self._instance_linear())
         self._instance_form = (InstanceForm(self._instance_linear(), len(micro[0].batch.input_ids),
                                             micro[0].batch.segments["retain"], parts_due)
-                               if stream and instanceform.wanted(engine.cfg.instance_form,
-                                                                 next(self.model.parameters()).device)
-                               and not checkpointing(self.model) else None)
+                               if formable and self.form_choice(engine).use() else None)
+        took_form = self._instance_form is not None
         scalars: dict[int, tuple] = {}
         pairs: list[PairsAccumulator] = []
         if optimizer is not None:
@@ -267,6 +282,9 @@ class Step:
             for c in captured:
                 c.cap.release()
         self._finish(engine, direction, captured, sources, due, res, optimizer, lr, clip)
+        if formable:
+            self.form_choice(engine).observe(took_form, sum(ph.seconds[k] for k in FORM_PHASES),
+                                             micro[0].batch.input_ids.numel(), pairs=due.pairs)
         if engine is not None and not engine.cfg.instances:     # group means only
             res.effects = [e if e.means is not None else e.group_only() for e in res.effects]
         res.seconds = time.perf_counter() - t0

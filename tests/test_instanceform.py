@@ -1,6 +1,8 @@
 """Per-row G-effect products and the parts' statistics of Linear layers formed in the training
 backward (geffect.engine.instanceform) against brute-force per-row gradients and against the matmul
 form they replace (rules.linear_rule, itself tested against one-sample autograd in test_engine.py)."""
+import json
+
 import pytest
 import torch
 from helpers import method_of, micro_batch, models, setup, tiny_data
@@ -178,3 +180,114 @@ def test_pairs_equal_the_matmul_forms(monkeypatch, kind, spec):
     for risk in ("unlearn", "retain"):
         x, y = getattr(slow.pairs[0], risk), getattr(fast.pairs[0], risk)
         assert x.shape == y.shape and (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, risk
+
+
+# ---- which form a run takes (FormChoice) -------------------------------------------------------------
+
+def _run_choice(choice, cost: dict[bool, float], steps: int = 9, pair_step: int = 3) -> list[bool]:
+    """Offers ``steps`` steps to ``choice``, each costing ``cost[form]`` seconds per position (one pair
+    step among them); returns the form each step took."""
+    taken = []
+    for k in range(steps):
+        use = choice.use()
+        taken.append(use)
+        positions = 100 + 10 * k                     # batches of varying length: compared per position
+        choice.observe(use, cost[use] * positions, positions, pairs=k == pair_step)
+    return taken
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_times_both_forms_on_the_runs_steps_and_keeps_the_faster(monkeypatch, faster):
+    """auto on CPU: the first step takes the instance form unmeasured, the next four without pairs take
+    on, off, off, on (the pair step between them takes the next in that order, not compared), then every
+    step takes the form with the lower mean seconds per position."""
+    monkeypatch.setattr(instanceform, "ENABLED", None)
+    choice = instanceform.FormChoice("auto", torch.device("cpu"), weights=10 ** 8)
+    cost = {True: 1e-6 if faster else 3e-6, False: 2e-6}
+    taken = _run_choice(choice, cost)
+    assert taken == [True, True, False, False, False, True] + [faster] * 3
+    assert choice.chosen is faster and not choice.timing
+    assert choice.report() == {"setting": "auto", "chosen": "on" if faster else "off",
+                               "us_per_position": {"on": pytest.approx(cost[True] * 1e6),
+                                                   "off": pytest.approx(cost[False] * 1e6)}}
+
+
+def test_a_resumed_choice_goes_on_where_the_checkpoint_left_it(monkeypatch):
+    """state() / restore(): mid-way through the timing the restored choice takes the same next forms
+    and reaches the same decision as the uninterrupted one; once decided it keeps the decision."""
+    monkeypatch.setattr(instanceform, "ENABLED", None)
+    cost = {True: 3e-6, False: 2e-6}
+    whole = instanceform.FormChoice("auto", torch.device("cpu"), weights=10 ** 8)
+    first = instanceform.FormChoice("auto", torch.device("cpu"), weights=10 ** 8)
+    expected = _run_choice(whole, cost, steps=9)
+    head = _run_choice(first, cost, steps=3)
+    resumed = instanceform.FormChoice("auto", torch.device("cpu"), weights=10 ** 8)
+    resumed.restore(json.loads(json.dumps(first.state())))          # through the checkpoint's JSON
+    tail = []
+    for k in range(3, 9):
+        use = resumed.use()
+        tail.append(use)
+        resumed.observe(use, cost[use] * 100, 100, pairs=k == 3)
+    assert head + tail == expected and resumed.chosen is False
+
+
+@pytest.mark.parametrize("setting, device, weights, want", [
+    ("on", "cpu", 10 ** 8, True), ("off", "cpu", 10 ** 8, False),
+    ("auto", "meta", 10 ** 8, False),                 # off the CPU: the other forms, untimed
+    ("auto", "cpu", 10 ** 4, True),                   # a tiny model: not timed, the CPU's default
+])
+def test_fixed_settings_and_small_models_are_never_timed(monkeypatch, setting, device, weights, want):
+    monkeypatch.setattr(instanceform, "ENABLED", None)
+    choice = instanceform.FormChoice(setting, torch.device(device), weights=weights)
+    assert not choice.timing
+    assert _run_choice(choice, {True: 1e-6, False: 1e-6}) == [want] * 9
+    assert choice.report() == {"setting": setting, "chosen": "on" if want else "off"}
+
+
+def test_a_profiled_runs_steps_take_the_form_the_timing_chose(monkeypatch, tmp_path):
+    """Through the loop (tiny Llama, NPO+GD, the size threshold lowered so that it is timed, the off
+    form made to time faster): the steps take the forms in the timing's order, then off; summary.json
+    says so; a checkpoint keeps the choice."""
+    from geffect.config import ProfileConfig, UnlearnConfig
+    from geffect.data import default_splits
+    from geffect.loop import unlearn
+    sp = default_splits(0)
+    files = []
+    for name, rows in (("forget", sp["forget"][:4]), ("retain", sp["retain"][:4])):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("\n".join(json.dumps({"question": r.question, "answer": r.answer}) for r in rows))
+        files.append(str(f))
+    monkeypatch.setattr(instanceform, "ENABLED", None)
+    monkeypatch.setattr(instanceform.FormChoice, "MIN_WEIGHTS", 0)
+    used = []
+    observe = instanceform.FormChoice.observe
+
+    def timed(self, use, seconds, positions, pairs=False):
+        used.append(use)
+        observe(self, use, (2e-6 if use else 1e-6) * positions, positions, pairs)
+    monkeypatch.setattr(instanceform.FormChoice, "observe", timed)
+    made = []                                        # the steps that routed their Linear layers through the form
+    init = instanceform.InstanceForm.__init__
+
+    def spy(self, *a):
+        made.append(len(used))
+        init(self, *a)
+    monkeypatch.setattr(instanceform.InstanceForm, "__init__", spy)
+    from geffect import checkpoint
+    kept, save = [], checkpoint.save
+
+    def keep(path, k, model, optimizer, stream, carry):
+        kept.append(json.loads(json.dumps(carry["instance_form"])))
+        return save(path, k, model, optimizer, stream, carry)
+    monkeypatch.setattr(checkpoint, "save", keep)
+    cfg = UnlearnConfig(method="npo+gd", model="tiny-llama", forget=files[0], retain=files[1], steps=7,
+                        memorize="no", progress=False, save_model=False, checkpoint_every=6)
+    out = tmp_path / "run"
+    summary = unlearn(cfg, str(out), profile=ProfileConfig(pairs_every=0, tokens_every=0))
+    assert used == [True, True, False, False, True, False, False]
+    assert made == [k for k, u in enumerate(used) if u]
+    written = json.loads((out / "summary.json").read_text())
+    assert written["instance_form"] == summary["instance_form"]
+    assert summary["instance_form"]["setting"] == "auto" and summary["instance_form"]["chosen"] == "off"
+    assert summary["instance_form"]["us_per_position"] == {"on": pytest.approx(2.0), "off": pytest.approx(1.0)}
+    assert len(kept) == 1 and kept[0]["chosen"] is False and len(kept[0]["on"]) == len(kept[0]["off"]) == 2

@@ -200,12 +200,98 @@ def _sum_outside(X: torch.Tensor, r: slice, N: int, out: torch.Tensor | None = N
 
 
 def wanted(setting: str, device: torch.device) -> bool:
-    """Whether to take the instance form: ``setting`` (:attr:`ProfileConfig.instance_form`) on, off, or
-    auto (on CPU only: there two cached passes cost less than one more product; on a GPU the product
-    runs at matmul throughput while the passes are memory-bound, and no measurement says which wins)."""
+    """Whether to take the instance form without timing it: ``setting``
+    (:attr:`ProfileConfig.instance_form`) on, off, or auto (on CPU, where :class:`FormChoice` then times
+    both ways; elsewhere off: on a GPU the other forms' product runs at matmul throughput while the
+    passes are memory-bound, and no measurement says which wins)."""
     if ENABLED is not None:
         return ENABLED
     return setting == "on" or (setting == "auto" and device.type == "cpu")
+
+
+class FormChoice:
+    """A run's choice between the instance form and the other forms (one more product per Linear
+    layer: :mod:`geffect.engine.gramrows`), which give the same values. Which is faster depends on the
+    machine, not the model: the instance form's passes are memory-bound, the product compute-bound
+    (SmolLM2-135M, conflicts every step, in one process: 1.22–1.26× a plain step against 1.33× on one
+    2-core CPU, 1.45× against 1.20× on another). With ``auto`` on CPU the run times both on its own
+    steps: after one unmeasured step (the first one faults in the gradients' memory), the next four
+    such steps without pairs take on, off, off, on (ABBA: a drift of the machine's speed weighs on
+    both alike), each timed over the phases the choice changes (backward, effects, conflicts, pairs)
+    per position of the batch; the rest of the run takes the one with the lower mean. The values
+    differ between the two only by rounding, so two runs of the same seed can differ by rounding where
+    they chose differently (``on``/``off``, or a test's ``ENABLED``, fix the choice; a resumed run keeps
+    its checkpoint's). Models with under ``MIN_WEIGHTS`` Linear weights are not timed (auto: on)."""
+
+    ORDER = (True, False, False, True)
+    MIN_WEIGHTS = 10_000_000   # fewer Linear weights: a step too short to time (tiny models), not timed
+
+    def __init__(self, setting: str, device: torch.device, weights: int = MIN_WEIGHTS):
+        """``weights``: the number of weights of the Linear layers the form would take."""
+        self.setting, self.device, self.weights = setting, device, weights
+        self.trials: dict[bool, list[float]] = {True: [], False: []}
+        self.chosen: bool | None = None
+        self._warm = False          # the run's first step that could take the form is done
+
+    @property
+    def timing(self) -> bool:
+        """Whether the run is still timing the two ways."""
+        return self._timed() and self.chosen is None
+
+    def _timed(self) -> bool:
+        return (ENABLED is None and self.setting == "auto" and self.device.type == "cpu"
+                and self.weights >= self.MIN_WEIGHTS)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run goes on with the same choice (JSON)."""
+        return {"warm": self._warm, "on": self.trials[True], "off": self.trials[False], "chosen": self.chosen}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self._warm, self.chosen = state["warm"], state["chosen"]
+            self.trials = {True: list(state["on"]), False: list(state["off"])}
+
+    def use(self) -> bool:
+        """Whether this step takes the instance form."""
+        if not self._timed():
+            return wanted(self.setting, self.device)
+        if self.chosen is not None:
+            return self.chosen
+        if not self._warm:
+            return True
+        k = len(self.trials[True]) + len(self.trials[False])
+        return self.ORDER[k] if k < len(self.ORDER) else True
+
+    def observe(self, used: bool, seconds: float, positions: int, pairs: bool = False) -> None:
+        """A step that could take the form is done: ``used`` it or not, ``seconds`` in the phases the
+        choice changes, over ``positions`` (N·T) of the batch; ``pairs``: a pair step (more work in
+        both ways, not compared)."""
+        if not self.timing:
+            return
+        if not self._warm:                          # the run's first such step is not measured
+            self._warm = True
+            return
+        if not pairs:
+            self.trials[used].append(seconds / max(1, positions))
+        if len(self.trials[True]) >= 2 and len(self.trials[False]) >= 2:
+            self.chosen = _mean(self.trials[True]) <= _mean(self.trials[False])
+
+    def report(self) -> dict:
+        """For summary.json: the setting, what the run took and, when it timed them, the two ways'
+        mean seconds per position (µs)."""
+        if self._timed():
+            chosen = None if self.chosen is None else ("on" if self.chosen else "off")
+        else:
+            chosen = "on" if wanted(self.setting, self.device) else "off"
+        out = {"setting": self.setting, "chosen": chosen}       # None: the run ended before both were timed
+        if any(self.trials.values()):
+            out["us_per_position"] = {("on" if k else "off"): round(_mean(v) * 1e6, 3)
+                                      for k, v in self.trials.items() if v}
+        return out
+
+
+def _mean(x: list[float]) -> float:
+    return sum(x) / len(x)
 
 
 def eligible_linear(model: torch.nn.Module, assignment: dict[str, str]) -> dict[str, torch.nn.Module]:
