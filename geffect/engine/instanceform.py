@@ -218,12 +218,15 @@ class FormChoice:
     steps: after one unmeasured step (the first one faults in the gradients' memory), the next four
     such steps without pairs take on, off, off, on (ABBA: a drift of the machine's speed weighs on
     both alike), each timed over the phases the choice changes (backward, effects, conflicts, pairs)
-    per position of the batch; the rest of the run takes the one with the lower mean. The values
+    per position of the batch; the rest of the run takes the one with the lower mean. Where the first
+    two already differ by ``CLEAR`` (20%) the choice is made then: choosing wrong needs noise that
+    reverses a difference that large, and where the two forms cost about the same either will do. The values
     differ between the two only by rounding, so two runs of the same seed can differ by rounding where
     they chose differently (``on``/``off``, or a test's ``ENABLED``, fix the choice; a resumed run keeps
     its checkpoint's). Models with under ``MIN_WEIGHTS`` Linear weights are not timed (auto: on)."""
 
     ORDER = (True, False, False, True)
+    CLEAR = 1.2                # after one step each, a difference this large decides at once
     MIN_WEIGHTS = 10_000_000   # fewer Linear weights: a step too short to time (tiny models), not timed
 
     def __init__(self, setting: str, device: torch.device, weights: int = MIN_WEIGHTS):
@@ -273,8 +276,10 @@ class FormChoice:
             return
         if not pairs:
             self.trials[used].append(seconds / max(1, positions))
-        if len(self.trials[True]) >= 2 and len(self.trials[False]) >= 2:
-            self.chosen = _mean(self.trials[True]) <= _mean(self.trials[False])
+        on, off = self.trials[True], self.trials[False]
+        if len(on) >= 2 and len(off) >= 2 or (
+                len(on) == len(off) == 1 and max(on[0], off[0]) >= self.CLEAR * min(on[0], off[0])):
+            self.chosen = _mean(on) <= _mean(off)
 
     def report(self) -> dict:
         """For summary.json: the setting, what the run took and, when it timed them, the two ways'
