@@ -2,7 +2,8 @@
 statistics every step, per-token G-effects and Fig. 5b pairs every 5 steps) against ``geffect
 unlearn`` on the same data, seed and steps, interleaved, measured in one run. ``profile-groups``
 is ``--no-instances`` (the layer groups' G-effects and the conflict statistics only; GA and GD take
-them from per-tensor dot products).
+them from per-tensor dot products); ``profile-form-on``/``-off`` are the defaults with the Linear
+layers' per-instance form fixed instead of timed on the run's first steps (``--instance-form``).
 
 - Per-step time: ``records.csv``'s ``time_s`` (the loop's own clock around sampling and the
   step) of every step of every repeat; the median and the mean; the ratio profile / unlearn.
@@ -17,6 +18,7 @@ The memorise cache is filled first by an unmeasured one-step run. Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -32,6 +34,8 @@ VARIANTS = {
     "profile-no-conflicts": ["profile", "--no-report", "--no-conflicts"],
     "profile-no-tokens-pairs": ["profile", "--no-report", "--tokens-every", "0", "--pairs-every", "0"],
     "profile-groups": ["profile", "--no-report", "--no-instances"],     # group G-effects and conflicts only
+    "profile-form-on": ["profile", "--no-report", "--instance-form", "on"],     # the defaults, the form fixed
+    "profile-form-off": ["profile", "--no-report", "--instance-form", "off"],
 }
 
 
@@ -44,6 +48,16 @@ def run(argv: list[str], out: Path, log: Path) -> tuple[pd.DataFrame, float]:
     if p.returncode != 0:
         sys.exit(f"geffect {' '.join(argv)} failed ({p.returncode}):\n{log.read_text()[-3000:]}")
     return pd.read_csv(out / "records.csv"), usage.ru_maxrss / 1024
+
+
+def _instance_form(out: Path) -> str:
+    """The per-instance form a profile run took (summary.json), for the log line; '' for unlearn."""
+    f = out / "summary.json"
+    got = json.loads(f.read_text()).get("instance_form") if f.is_file() else None
+    if not got:
+        return ""
+    timed = ", ".join(f"{k} {v:.2f}" for k, v in got.get("us_per_position", {}).items())
+    return f", instance form {got['chosen']}" + (f" (timed, µs per position: {timed})" if timed else "")
 
 
 def main() -> None:
@@ -72,8 +86,9 @@ def main() -> None:
                 times[v] += t
                 records[v].append(rec)
                 rss[v].append(m)
+                form = _instance_form(tmp / f"{v}-{r}")
                 print(f"repeat {r + 1}/{a.repeats} {v:<24} median step {statistics.median(t):.2f} s, "
-                      f"max RSS {m:.0f} MB", flush=True)
+                      f"max RSS {m:.0f} MB{form}", flush=True)
     base = a.variants[0]
     print(f"\n{a.method}, {a.steps} steps x {a.repeats} repeats ({a.model}); ratios to {base}:")
     print(f"  {'variant':<24} {'median s':>9} {'mean s':>8} {'median x':>9} {'mean x':>7} {'max RSS MB':>11} {'RSS x':>6}")
