@@ -62,8 +62,15 @@ def test_conflicts_and_pcgrad_from_one_backward_equal_the_split_path(tiny, spec,
             assert g["removed_norm"] == pytest.approx(row["removed_norm"], abs=1e-4 * (nf + nr)), row["group"]
             assert g["conflict"] == row["conflict"] and g["pcgrad_applied"] == row["pcgrad_applied"]
         for p in step.params:   # float32 against the twin: to 1e-4 of the parts' scale (projections cancel)
-            want, scale = want_update[id(p)], gf[id(p)].norm() + gr[id(p)].norm()
-            assert (p.grad.double() - want).norm() <= 1e-4 * scale + 1e-9, (spec, scope)
+            f, r = gf[id(p)], gr[id(p)]
+            want, scale = want_update[id(p)], f.norm() + r.norm()
+            # per tensor, a part far smaller than the other is known only to float32's error of the larger
+            # (one backward): projecting onto it turns that into an error of the direction removed,
+            # |⟨f, r⟩|/‖r‖ · (error of r)/‖r‖, and likewise for f. (On an AMD EPYC CPU a layer norm's
+            # ‖g_r‖ = 1e-3·‖g_f‖ missed the plain bound by 20%; about 16 ulps of the larger part here)
+            cond = (f * r).sum().abs() * scale * (1 / r.norm().clamp_min(1e-30) ** 2 + 1 / f.norm().clamp_min(1e-30) ** 2)
+            tol = 1e-4 * scale + (1e-6 * cond if scope == "tensor" else 0.0)
+            assert (p.grad.double() - want).norm() <= tol + 1e-9, (spec, scope)
 
 
 @pytest.mark.parametrize("stream", [True, False])
