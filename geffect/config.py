@@ -155,7 +155,7 @@ class ProfileConfig:
                                      "tile by tile (memory-bound passes), off = one extra product per layer "
                                      "(matmul or Gram form, compute-bound); the same values up to rounding. auto "
                                      "= on CPU, a run of a model with 10M+ Linear weights times both on its first "
-                                     "steps (after one: on, off, and where those two differ by under 20%: off, on) and keeps the faster "
+                                     "steps (after one: on, off, and where those two differ by under a fifth: off, on) and keeps the faster "
                                      "(summary.json's instance_form; reruns may then differ by rounding: fix it "
                                      "with on/off); smaller models: on; off elsewhere (on a GPU unmeasured)", choices=("auto", "on", "off"))
     blocks_path: str | None = opt(None, "dotted name of the ModuleList of transformer blocks, for a model whose "
