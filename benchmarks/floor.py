@@ -76,8 +76,8 @@ def instance_form(tensors, retain: slice) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--method", default="npo+gd")
+    ap.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
+    ap.add_argument("--method", default="npo+gd", help="unlearning method (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=4, help="forget (= retain) rows (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default: %(default)s)")
     a = ap.parse_args()
