@@ -6,8 +6,11 @@ total work), so that a part computed on its chunk's *view* back-propagates throu
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
+from geffect.data.batching import answer_window
 from geffect.objectives import ForwardOut, Method, ObjectiveContext
 from geffect.objectives import functional as fn
 from geffect.reference import Reference
@@ -29,6 +32,43 @@ def positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
+FULL_LOGITS = False   # tests: every forward computes every position's logits (the twin of the window)
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs): the innermost
+    model's signature, inside DDP's ``module`` and PEFT's base model, which hand keyword arguments on."""
+    inner = model
+    for _ in range(8):
+        if hasattr(inner, "get_base_model"):                 # PEFT
+            nxt = inner.get_base_model()
+        elif type(inner).__name__ == "DistributedDataParallel":
+            nxt = inner.module
+        else:
+            break
+        if nxt is inner:
+            break
+        inner = nxt
+    try:
+        return "logits_to_keep" in inspect.signature(getattr(inner, "forward", inner)).parameters
+    except (TypeError, ValueError):                              # no signature to read: every position
+        return False
+
+
+def logits_window(model: torch.nn.Module, batch) -> dict:
+    """The forward's keyword for the answer window: logits at the last ``batch.window`` positions only
+    (every answer token's NLL reads one of them), where the model takes ``logits_to_keep``; ``{}``
+    (every position) otherwise. The output projection, the softmax and their backward then cover
+    the answer window instead of the whole row (about a third of a TOFU-style chat row), and the
+    (N, k, V) logits, often a step's largest tensor, shrink alike. Every objective reads the logits at
+    answer-predicting positions only (:mod:`geffect.objectives.functional`), so the values are the
+    same up to rounding."""
+    k = batch.window if getattr(batch, "window", None) is not None else answer_window(batch.labels)
+    if FULL_LOGITS or k is None or k >= batch.labels.shape[1] or not keeps_logits(model):
+        return {}
+    return {"logits_to_keep": k}
+
+
 def forward(model, reference: Reference | None, batch, method: Method, ctx: ObjectiveContext | None = None,
             chunks: list[torch.Tensor] | None = None, cap=None) -> ForwardOut:
     """One forward of θ (with grad) and, if the method needs them, θ_o's values on the same rows.
@@ -39,13 +79,14 @@ def forward(model, reference: Reference | None, batch, method: Method, ctx: Obje
     ctx = ctx or ObjectiveContext()
     layer = ctx.hidden_layer if method.needs_hidden else None
     pos = positions(batch.input_ids)
+    window = logits_window(model, batch)          # the same for every chunk: their logits line up
     outs = []
     for idx in chunks or [None]:
         sel = slice(None) if idx is None else idx.to(batch.input_ids.device)
         if cap is not None:
             cap.rows = idx
         outs.append(model(input_ids=batch.input_ids[sel], attention_mask=batch.attention_mask[sel],
-                          position_ids=pos[sel], output_hidden_states=layer is not None, use_cache=False))
+                          position_ids=pos[sel], output_hidden_states=layer is not None, use_cache=False, **window))
     if cap is not None:
         cap.rows = None
     if chunks is None:

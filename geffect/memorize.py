@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from geffect.data.batching import collate, qa
 from geffect.data.records import QARecord
+from geffect.forward import logits_window
 from geffect.models import LoadedModel
 from geffect.objectives import functional as fn
 
@@ -94,7 +95,8 @@ def memorize(loaded: LoadedModel, records: list[QARecord], epochs: int = EPOCHS,
         for i in range(0, len(order), batch_size):
             chunk = [records[j] for j in order[i:i + batch_size]]
             batch = collate(tok, {"train": qa(chunk)}, max_length, fmt).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           **logits_window(model, batch)).logits                       # (n, k, V) the answer window
             loss = fn.nll_loss(*fn.token_nll(logits, batch.labels))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -30,7 +30,7 @@ from geffect.objectives import functional as fn
 class ReferenceValues:
     """θ_o's values on one batch's rows."""
     nll: torch.Tensor | None = None                       # (N, T-1) answer-token NLL (0 on rows not asked for)
-    logits: dict[str, torch.Tensor] = field(default_factory=dict)   # segment -> (n, T, V)
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)   # segment -> (n, k, V), the batch's window
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)   # segment -> (n, T, d)
 
 
@@ -84,10 +84,11 @@ class Reference:
         dev = next(self.model.parameters()).device
         idx = torch.tensor(rows, device=batch.input_ids.device)
         ids, att = batch.input_ids[idx].to(dev), batch.attention_mask[idx].to(dev)
-        from geffect.forward import positions
+        from geffect.forward import logits_window, positions
         with self._as_reference() as m:
+            # the batch's answer window (every row's): θ_o's logits line up with θ's (KL)
             out = m(input_ids=ids, attention_mask=att, position_ids=positions(ids),
-                    output_hidden_states=hidden_layer is not None, use_cache=False)
+                    output_hidden_states=hidden_layer is not None, use_cache=False, **logits_window(m, batch))
         back = batch.input_ids.device
         hid = out.hidden_states[hidden_layer + 1].to(back) if hidden_layer is not None else None
         return out.logits.to(back), hid

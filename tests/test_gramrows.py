@@ -56,6 +56,12 @@ def record_instances(monkeypatch) -> list:
     return made
 
 
+def blocks_layout(rows: gramrows.GramRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared (live, dead) positions of the blocks' layout, every row's N·T positions (the output
+    projection's answer window may have its own, fewer)."""
+    return rows._shared[max(rows._shared)]
+
+
 def _linear_names(model) -> set[str]:
     kinds = (torch.nn.Linear,) + ((_CONV1D,) if _CONV1D is not None else ())
     return {n for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -159,7 +165,8 @@ def test_padding_changes_nothing_in_gram_form(monkeypatch, kind):
     made = record_instances(monkeypatch)
     res = [Step(model, method, ref, ctx, Engine(model))([b], Due(effects=True, conflicts=True))
            for b in (mb, padded(mb, tok, k))]
-    assert len(made[1]._dead) >= n * k and len(made[1]._keep) == len(made[0]._keep)
+    (keep0, _), (keep1, dead1) = (blocks_layout(r) for r in made[:2])
+    assert len(dead1) >= n * k and len(keep1) == len(keep0)
     for split in ("forget", "retain"):
         x, y = getattr(res[0].effects[0], split), getattr(res[1].effects[0], split)
         assert (x - y).abs().max() <= 1e-4 * x.abs().max() + 1e-7, split
@@ -172,7 +179,7 @@ def test_positions_are_the_steps_live_set_unless_a_layer_has_more():
     with its cotangents at the dead positions to be read (the check), and with ``own`` its own live
     set; a sparse layer always its own."""
     rows = object.__new__(gramrows.GramRows)
-    rows._keep = rows._dead = None
+    rows._shared = {}
     g = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
     g[1, 3] = 0                                                    # one dead position (padding)
     idx, shared, check = rows._positions(torch.nn.Linear(5, 3), g, g.reshape(-1, 3))
@@ -180,7 +187,7 @@ def test_positions_are_the_steps_live_set_unless_a_layer_has_more():
     h = g.clone()
     h[0, 2] = 0                                                    # a subset of the live set: shared
     idx, shared, check = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
-    assert shared and idx is rows._keep and not bool(check)
+    assert shared and idx is rows._shared[8][0] and not bool(check)
     h[1, 3] = 1.0                                                  # live where the step's set is dead
     idx, shared, check = rows._positions(torch.nn.Linear(5, 3), h, h.reshape(-1, 3))
     assert shared and bool(check)                                  # -> taken again with its own
@@ -203,9 +210,11 @@ def test_a_layer_live_where_the_shared_set_is_dead_is_taken_with_its_own_positio
 
     def tampered(self, mod, g, d, own=False):
         out = positions(self, mod, g, d, own)
-        if self._dead is not None and len(self._keep) > 1 and not hasattr(self, "_moved"):
-            self._moved = self._keep[0]
-            self._keep, self._dead = self._keep[1:], torch.cat([self._dead, self._keep[:1]])
+        key = max(self._shared, default=None)           # the blocks' layout of positions
+        if key is not None and len(self._shared[key][0]) > 1 and not hasattr(self, "_moved"):
+            keep, dead = self._shared[key]
+            self._moved = keep[0]
+            self._shared[key] = keep[1:], torch.cat([dead, keep[:1]])
         redone.append(own)
         return out
     want = profiled(model, tok, "npo+gd", False, monkeypatch)
@@ -280,3 +289,34 @@ def test_a_gradient_square_is_not_reused_once_the_gradient_changed(tiny):
     p.grad = torch.ones_like(p)
     assert cap.known_grad_square(p) is None
     p.grad = None
+
+
+def test_an_output_projection_dense_in_its_answer_window_gets_a_layout_of_its_own(monkeypatch):
+    """The output projection runs on the answer window's N·k positions (``logits_to_keep``), the blocks'
+    layers on every row's N·T. Where its cotangents fill most of the window (a dense layer, which takes
+    the step's shared live set), that set is kept per layout: no layer is taken twice (a layer given the
+    other layout's set would be re-taken over its own positions), every Linear layer takes the Gram form
+    and the values equal the matmul form's."""
+    from geffect.engine import rules
+    model, tok = next((m, t) for k, m, t in models() if k == "tiny-llama")        # untied output projection
+    head = model.get_output_embeddings()
+    positions, own_calls = gramrows.GramRows._positions, []
+
+    def spy(self, mod, g, d, own=False):
+        own_calls.append(own)
+        return positions(self, mod, g, d, own)
+    made = record_instances(monkeypatch)
+    taken: list[str] = []
+    rules._DENSE.add(head)                     # as when the answers fill most of the window
+    try:
+        want = profiled(model, tok, "npo+gd", False, monkeypatch)
+        monkeypatch.setattr(gramrows.GramRows, "_positions", spy)
+        got = profiled(model, tok, "npo+gd", True, monkeypatch, taken)
+    finally:
+        rules._DENSE.discard(head)
+    assert len(made[-1]._shared) == 2 and own_calls and not any(own_calls)
+    assert set(taken) == _linear_names(model)
+    for split in ("forget", "retain"):
+        x, y = getattr(want.effects[0], split), getattr(got.effects[0], split)
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max() + 1e-8, split
+    assert_same_conflicts(want.conflicts, got.conflicts)

@@ -216,9 +216,10 @@ def test_disabled_adapters_are_the_base_model():
     with torch.no_grad():
         ref_logits, _ = s.reference._run(b, list(range(len(b.input_ids))), None)
         trained = s.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        want = base(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        want = base(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.window).logits
+    assert ref_logits.shape[1] == b.window < b.input_ids.shape[1]       # θ_o's logits: the answer window
     assert torch.equal(ref_logits, want)
-    assert not torch.allclose(trained, want, atol=1e-4)
+    assert not torch.allclose(trained[:, -b.window:], want, atol=1e-4)
 
 
 # ---- what bad input gets: one line, exit code 2, no run directory -------------------------------

@@ -7,7 +7,7 @@ retain answer). Labels are -100 on the prompt and on padding, so losses never se
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +18,31 @@ from geffect.errors import DataError
 IGNORE = -100
 
 
+def answer_window(labels: torch.Tensor) -> int | None:
+    """How many trailing positions' logits the answer tokens' NLLs read: the logits at position t
+    predict token t+1, so from the first position (in any row) whose next token is an answer token
+    to the end. labels (N, T) -> k in [1, T]; T when no row has an answer token; None on the meta
+    device (no values to read). One host read where the labels live on an accelerator."""
+    if labels.device.type == "meta":
+        return None
+    T = labels.shape[1]
+    answer = (labels[:, 1:] != IGNORE).any(0).nonzero()                  # positions t whose next token is
+    return T - int(answer.min()) if len(answer) else T                     # an answer token, in some row
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor       # (N, T)
     attention_mask: torch.Tensor  # (N, T) 1 on real tokens
     labels: torch.Tensor          # (N, T) token id on answer tokens, IGNORE elsewhere
     segments: dict[str, slice]    # segment name -> rows
+    # trailing positions whose logits any answer token's NLL reads (:func:`answer_window`); taken
+    # from the labels while they are on the host (no device read later)
+    window: int | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.window is None and self.labels.device.type == "cpu":
+            self.window = answer_window(self.labels)
 
     def rows(self, name: str) -> slice:
         return self.segments[name]
@@ -31,7 +50,7 @@ class Batch:
     def to(self, device) -> Batch:
         """The same batch on ``device`` (the model's)."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.segments)
+                     self.segments, self.window)
 
 
 def format_prompt(tokenizer, question: str, fmt: str | PromptFormat = "chat") -> str:

@@ -11,7 +11,7 @@ from typing import Self
 import torch
 
 from geffect.distributed import World
-from geffect.engine.rules import rule_for
+from geffect.engine.rules import mark_output_projection, rule_for
 
 full = World.full
 
@@ -46,6 +46,7 @@ class Capture:
 
     def __init__(self, model: torch.nn.Module, assignment: dict[str, str]):
         self.model, self.assignment = model, assignment
+        mark_output_projection(model)           # its cotangents: the answer positions alone
         self.modules = {n: model.get_submodule(n) for n in assignment}
         self.seen: dict[str, list[_Seen]] = {}
         self._handles: list = []

@@ -285,10 +285,12 @@ class Engine:
     def capture_probe(self, probe) -> Captured:
         """Forward the fixed probe set at the current weights and capture its risk cotangents (one
         backward to the module outputs, no weight gradients: ``.grad`` is left untouched)."""
-        from geffect.forward import positions
+        from geffect.forward import logits_window, positions
+        window = logits_window(self.model, probe)              # (from the probe's labels where they are)
         ids, att, labels = (t.to(self.device) for t in (probe.input_ids, probe.attention_mask, probe.labels))
         with self.capture() as cap:
-            logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions(ids), use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions(ids), use_cache=False,
+                                **window).logits                                        # (n, k, V)
             nll, mask = fn.token_nll(logits, labels)
             ell = fn.mean_nll(nll, mask)                                     # (n,)
             del logits

@@ -66,8 +66,9 @@ class GramRows:
                     self._outs.setdefault(k, []).append(_out_features(cap.modules[name]))
         self._choice: dict[int, bool] = {}        # id(input) -> Gram form for its layers (decided once, jointly)
         self._gram_a: dict[int, tuple] = {}      # id(input) -> (input, its positions (K,), A Aᵀ (K, K))
-        self._keep: torch.Tensor | None = None   # the step's positions that carry a cotangent (flat)
-        self._dead: torch.Tensor | None = None   # and those that carry none (padding)
+        # per layout of positions (N·T flat; the output projection may see only the answer window's N·k):
+        # the step's positions that carry a cotangent and those that carry none (padding)
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.input_grams = 0                                               # A Aᵀ computed (shared ones once)
 
     def take(self, names: list[str], products: dict[str, torch.Tensor], skip=()) -> list[str]:
@@ -136,12 +137,15 @@ class GramRows:
         idx = live_positions(mod, g)
         if idx is not None:
             return idx, False, None
-        if self._dead is not None and not own:
-            return self._keep, True, (d[self._dead].any() if len(self._dead) else None)
+        shared = self._shared.get(d.shape[0])
+        if shared is not None and not own:
+            keep, dead = shared
+            return keep, True, (d[dead].any() if len(dead) else None)
         live = nonzero_rows(d)                                                       # (N·T,)
-        if self._dead is None:
-            self._keep, self._dead = live.nonzero().flatten(), (~live).nonzero().flatten()
-            return self._keep, True, None
+        if shared is None:
+            keep = live.nonzero().flatten()
+            self._shared[d.shape[0]] = keep, (~live).nonzero().flatten()
+            return keep, True, None
         return live.nonzero().flatten(), False, None
 
     def _matmul_cost(self, K: int, N: int, d_in: int, d_out: int) -> float:

@@ -44,6 +44,20 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 _DENSE: weakref.WeakSet = weakref.WeakSet()
 
 
+# Output projections: their cotangents sit on the answer positions alone, however many of the
+# logits' positions those fill (with the logits at the answer window only, most of them), so they are
+# never taken as dense: their own live positions, each step.
+_OUTPUT: weakref.WeakSet = weakref.WeakSet()
+
+
+def mark_output_projection(model: torch.nn.Module) -> None:
+    """Register the model's output projection (transformers' ``get_output_embeddings``) as position-local."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if isinstance(out, torch.nn.Module):
+        _OUTPUT.add(out)
+
+
 def known_dense(mod: torch.nn.Module) -> bool:
     """Whether a module's cotangents were found live on most positions (every position is kept)."""
     return mod in _DENSE
@@ -58,10 +72,13 @@ def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
 def live_positions(mod: torch.nn.Module, g: torch.Tensor) -> torch.Tensor | None:
     """Flat indices (K,) of the positions of g (N, T, out) that carry a cotangent, or None where
     every position is kept: a module whose cotangents are live on most positions is dense (the
-    product over every position is exact for any cotangent) and skips this test from then on."""
+    product over every position is exact for any cotangent) and skips this test from then on; an
+    output projection (:func:`mark_output_projection`) never counts as dense."""
     if mod in _DENSE:
         return None
     live = nonzero_rows(g.reshape(-1, g.shape[-1]))             # (N·T,)
+    if mod in _OUTPUT:
+        return live.nonzero().flatten()
     if live.float().mean() >= 0.6:
         _DENSE.add(mod)
         return None

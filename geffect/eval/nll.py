@@ -12,11 +12,13 @@ from geffect.objectives import functional as fn
 def row_nll(model, tok, records: list[QARecord], max_length: int = 128, batch_size: int = 16,
             fmt="chat") -> torch.Tensor:
     """Each record's mean answer-token NLL, (n,) float32 on the host."""
+    from geffect.forward import logits_window
     vals = []
     for i in range(0, len(records), batch_size):
         b = collate(tok, {"x": qa(records[i:i + batch_size])}, max_length, fmt)
         dev = next(model.parameters()).device
-        logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False).logits
+        logits = model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False,
+                       **logits_window(model, b)).logits                               # (n, k, V) the answer window
         vals.append(fn.mean_nll(*fn.token_nll(logits, b.labels.to(dev))).float().cpu())
     return torch.cat(vals)
 

@@ -16,6 +16,8 @@ import torch
 
 from geffect.data.batching import IGNORE, collate, encode_pair
 from geffect.data.prompts import PromptFormat
+from geffect.forward import logits_window
+from geffect.objectives import functional as fn
 
 
 @dataclass
@@ -71,9 +73,10 @@ def _whole(model, tok, pairs, max_length, fmt, batch_size, want_z, device) -> li
     out: list[AnswerScores] = []
     for i in range(0, len(pairs), batch_size):
         b = collate(tok, {"x": pairs[i:i + batch_size]}, max_length, fmt).to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)                      # (N, T-1, V)
-        labels = b.labels[:, 1:]                                                      # (N, T-1)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False,
+                       **logits_window(model, b)).logits                            # (N, k, V) the answer window
+        shift_logits, labels, _ = fn.shifted(logits, b.labels)                       # (N, k-1, V), (N, k-1)
+        logp = torch.log_softmax(shift_logits.float(), dim=-1)
         for row in range(labels.shape[0]):
             keep = labels[row] != IGNORE
             out.append(_row_scores(logp[row][keep], labels[row][keep], want_z[i + row]))

@@ -15,14 +15,32 @@ import torch.nn.functional as F
 from geffect.data.batching import IGNORE
 
 
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each logits position against the token it predicts. logits (N, k, V) are the last k ≤ T
+    positions' (k = T: all; fewer: the model's ``logits_to_keep`` answer window,
+    :func:`geffect.data.batching.answer_window`); labels (N, T). Returns the logits that predict a
+    token (N, k-1, V), those tokens (N, k-1) and the window's first next-token index s = T - k: they are
+    next-token positions s … T-2 of the (N, T-1) ones."""
+    T, k = labels.shape[1], logits.shape[1]
+    if k > T:
+        raise ValueError(f"logits cover {k} positions, more than the labels' {T}")
+    return logits[:, :-1], labels[:, T - k + 1:], T - k
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL and answer mask. logits (N, T, V), labels (N, T) -> nll, mask (N, T-1)."""
-    shift_logits = logits[:, :-1]                                     # (N, T-1, V)
-    shift_labels = labels[:, 1:]                                      # (N, T-1)
-    mask = (shift_labels != IGNORE)
-    safe = shift_labels.masked_fill(~mask, 0)
-    nll = F.cross_entropy(shift_logits.transpose(1, 2).float(), safe, reduction="none")  # (N, T-1)
-    return nll * mask, mask.to(nll.dtype)
+    """Next-token NLL and answer mask. logits (N, k, V) of the last k ≤ T positions (see
+    :func:`shifted`), labels (N, T) -> nll, mask (N, T-1): 0 before the window (no answer token is
+    there: the window starts where the first one is predicted)."""
+    shift_logits, shift_labels, start = shifted(logits, labels)        # (N, k-1, V), (N, k-1)
+    mask = (labels[:, 1:] != IGNORE)                                   # (N, T-1)
+    if start and mask.device.type == "cpu" and mask[:, :start].any():   # (checked where it costs no device sync)
+        raise ValueError(f"an answer token lies before the logits' window (its first {start} positions cut)")
+    inside = (shift_labels != IGNORE)
+    safe = shift_labels.masked_fill(~inside, 0)
+    nll = F.cross_entropy(shift_logits.transpose(1, 2).float(), safe, reduction="none") * inside  # (N, k-1)
+    if start:
+        nll = F.pad(nll, (start, 0))                                  # (N, T-1)
+    return nll, mask.to(nll.dtype)
 
 
 def mean_nll(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,13 +120,21 @@ def forward_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Ten
     """KL retain regulariser: mean over samples of the mean over answer tokens of KL(p_o ‖ p_θ).
 
     Padding and prompt positions never count (the reference code averaged over padding).
-    logits, ref_logits (N, T, V); labels (N, T).
+    logits, ref_logits (N, k, V) and (N, k_o, V), the last k, k_o ≤ T positions (see :func:`shifted`;
+    θ and θ_o may differ where only one model takes ``logits_to_keep``): both are read on the last
+    min(k, k_o) positions, every answer token's (checked on the host). labels (N, T).
     """
-    mask = (labels[:, 1:] != IGNORE).to(logits.dtype)                # (N, T-1)
-    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)             # (N, T-1, V)
+    k = min(logits.shape[1], ref_logits.shape[1])
+    logits, ref_logits = logits[:, -k:], ref_logits[:, -k:]
+    shift_logits, shift_labels, start = shifted(logits, labels)
+    if start and labels.device.type == "cpu" and (labels[:, 1:start + 1] != IGNORE).any():
+        raise ValueError(f"an answer token lies before the logits' window (its first {start} positions cut)")
+    mask = (shift_labels != IGNORE).to(logits.dtype)                  # (N, k-1) answer tokens in the window
+    logq = F.log_softmax(shift_logits.float(), dim=-1)               # (N, k-1, V)
     logp_o = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    kl = (logp_o.exp() * (logp_o - logq)).sum(-1)                     # (N, T-1)
-    return ((kl * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+    kl = (logp_o.exp() * (logp_o - logq)).sum(-1)                     # (N, k-1)
+    n = (labels[:, 1:] != IGNORE).sum(-1).clamp_min(1)                # (N,) every answer token of a row
+    return ((kl * mask).sum(-1) / n).mean()
 
 
 def idkdpo(logp_win: torch.Tensor, ref_win: torch.Tensor, logp_lose: torch.Tensor, ref_lose: torch.Tensor,

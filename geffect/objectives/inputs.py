@@ -27,12 +27,12 @@ class ForwardOut:
     """What objectives read from one forward pass of θ (and the reference values of θ_o)."""
     nll: torch.Tensor                  # (N, T-1) answer-token NLL, 0 elsewhere
     mask: torch.Tensor                 # (N, T-1)
-    logits: torch.Tensor | None        # (N, T, V); None when no objective reads it
+    logits: torch.Tensor | None        # (N, k, V) the last k ≤ T positions (the answer window); None when unread
     labels: torch.Tensor               # (N, T)
     segments: dict[str, slice]
     hidden: torch.Tensor | None = None      # (N, T, d) RMU layer output
     ref_nll: torch.Tensor | None = None     # (N, T-1) under θ_o, on the rows objectives read it (0 elsewhere)
-    ref_logits: dict | None = None          # segment -> (n, T, V) under θ_o (KL: the retain rows)
+    ref_logits: dict | None = None          # segment -> (n, k, V) under θ_o (KL: the retain rows), same window
     ref_hidden: dict | None = None          # segment -> (n, T, d) (RMU: the retain rows)
     attention: torch.Tensor | None = None   # (N, T) 1 on every real token (prompt and answer), 0 on padding
     # forward run in row chunks (one per objective part): per-chunk views, the chunks' NLL tensors
