@@ -36,8 +36,25 @@ FULL_LOGITS = False   # tests: every forward computes every position's logits (t
 
 
 def keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs): the innermost
-    model's signature, inside DDP's ``module`` and PEFT's base model, which hand keyword arguments on."""
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs)."""
+    return takes(model, "logits_to_keep")
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The keyword a forward takes its key/value cache by: ``cache`` (transformers 5.2x) or
+    ``past_key_values`` (before; the newer versions still take it, with a deprecation warning)."""
+    return {"cache" if takes(model, "cache") else "past_key_values": cache}
+
+
+def kv_cache(out):
+    """The key/value cache a forward returned (``cache`` or, before transformers 5.2x, ``past_key_values``)."""
+    cache = out.get("cache")             # (out.past_key_values itself warns where ``cache`` exists)
+    return cache if cache is not None else out.past_key_values
+
+
+def takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward takes keyword ``name``: the innermost model's signature, inside DDP's
+    ``module`` and PEFT's base model, which hand keyword arguments on."""
     inner = model
     for _ in range(8):
         if hasattr(inner, "get_base_model"):                 # PEFT
@@ -50,7 +67,7 @@ def keeps_logits(model: torch.nn.Module) -> bool:
             break
         inner = nxt
     try:
-        return "logits_to_keep" in inspect.signature(getattr(inner, "forward", inner)).parameters
+        return name in inspect.signature(getattr(inner, "forward", inner)).parameters
     except (TypeError, ValueError):                              # no signature to read: every position
         return False
 

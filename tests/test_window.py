@@ -141,3 +141,25 @@ def test_keeps_logits_sees_through_peft_and_falls_back_without_the_keyword(tiny)
               labels_of([[IGNORE, IGNORE, IGNORE, 3]]), {})
     assert fwd.logits_window(NoKeyword(), b) == {}
     assert fwd.logits_window(tiny.model, b) == {"logits_to_keep": 2}
+
+
+def test_cache_keyword_follows_the_models_signature_and_decoding_warns_of_none(tiny):
+    """transformers 5.2x takes the key/value cache as ``cache`` (``past_key_values`` warns, to be removed);
+    earlier versions as ``past_key_values``: the keyword is read from the signature."""
+    import warnings
+
+    from geffect.eval.generate import greedy_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    marker = object()
+    assert fwd.cache_kwargs(Old(), marker) == {"past_key_values": marker}
+    want = "cache" if "cache" in __import__("inspect").signature(tiny.model.forward).parameters else "past_key_values"
+    assert fwd.cache_kwargs(tiny.model, marker) == {want: marker}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = greedy_ids(tiny.model, [[5, 6, 7], [8, 9]], max_new_tokens=4)
+    assert len(out) == 2 and all(len(x) <= 4 for x in out)
+    assert not [w for w in seen if "past_key_values" in str(w.message)]

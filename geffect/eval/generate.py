@@ -52,9 +52,11 @@ def greedy_ids(model, prompts: list[list[int]], max_new_tokens: int = 64, batch_
 
 def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: torch.Tensor) -> list[list[int]]:
     """Greedy decoding of one left-padded batch; ids, mask (B, P)."""
+    from geffect.forward import cache_kwargs, keeps_logits, kv_cache
     pos = (mask.cumsum(-1) - 1).clamp_min(0)                                            # (B, P)
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, pos = res.past_key_values, pos[:, -1:]
+    last = {"logits_to_keep": 1} if keeps_logits(model) else {}                         # the next token's only
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last)
+    past, pos = kv_cache(res), pos[:, -1:]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)               # (B,)
     steps: list[torch.Tensor] = []
     for t in range(max_new_tokens):
@@ -66,9 +68,9 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, s
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)                 # (B, P + t + 1)
         pos = pos + 1
-        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
-                    use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_kwargs(model, past))
+        past = kv_cache(res)
     if not steps:
         return [[] for _ in range(ids.shape[0])]
     gen = torch.stack(steps, dim=1).tolist()                                            # (B, steps)

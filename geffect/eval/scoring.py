@@ -16,7 +16,7 @@ import torch
 
 from geffect.data.batching import IGNORE, collate, encode_pair
 from geffect.data.prompts import PromptFormat
-from geffect.forward import logits_window
+from geffect.forward import cache_kwargs, kv_cache, logits_window
 from geffect.objectives import functional as fn
 
 
@@ -113,7 +113,7 @@ def _shared(model, tok, pairs, max_length, fmt, batch_size, want_z, device) -> l
             p_mask[j, width - len(p):] = 1
         p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)
         res = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
-        cache, first = res.past_key_values, res.logits[:, -1].float()                      # first: (B, V)
+        cache, first = kv_cache(res), res.logits[:, -1].float()                             # first: (B, V)
         owner = [j for j, (_, idx) in enumerate(chunk) for _ in idx]                        # answer row -> prompt
         rows_idx = [i for _, idx in chunk for i in idx]
         answers = [enc[i][0][len(chunk[j][0]):] for j, i in zip(owner, rows_idx)]
@@ -127,7 +127,7 @@ def _shared(model, tok, pairs, max_length, fmt, batch_size, want_z, device) -> l
             a_mask[r, :len(a)] = 1
         a_pos = p_mask.sum(-1)[sel][:, None] + torch.arange(length, device=device)[None]  # (N, L)
         logits = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[sel], a_mask], dim=1), position_ids=a_pos,
-                       past_key_values=cache, use_cache=True).logits                       # (N, L, V)
+                       use_cache=True, **cache_kwargs(model, cache)).logits               # (N, L, V)
         # answer token t is predicted by the prompt's last position (t = 0) or answer position t − 1
         pred = torch.cat([first[sel][:, None], logits[:, :-1].float()], dim=1)             # (N, L, V)
         logp = torch.log_softmax(pred, dim=-1)
