@@ -470,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
              "merge": cmd_merge, "spunge": cmd_spunge}
     import torch.distributed as dist
     owns_group = dist.is_available() and not dist.is_initialized()   # a torchrun run's group is made below
+    finished = False
     try:
-        return verbs[ns.verb](ns)
+        code = verbs[ns.verb](ns)
+        finished = True
+        return code
     except GeffectError as err:
         import os
         if os.environ.get("RANK", "0") == "0":     # under torchrun every rank meets the same bad input: say it once
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owns_group:        # joined before exit, not left to the interpreter; a caller's own group is left alone
             from geffect.distributed import shutdown
-            shutdown()
+            shutdown(barrier=finished)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,16 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
     """Destroy the default process group when one is initialised (a torchrun run at its end), so its
     communication threads are joined before the interpreter exits (a group left to exit can abort a
-    rank: "terminate called without an active exception")."""
+    rank: "terminate called without an active exception"). ``barrier``: first wait until every rank
+    is there (a normal end: no rank tears its group down while another still communicates; not
+    after an error, which other ranks may never reach)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

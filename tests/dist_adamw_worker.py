@@ -22,4 +22,4 @@ with mock.patch("geffect.optim.fusable", return_value=False):
     results["default"] = adamw_steps(world.wrap)
 if os.environ.get("RANK") == "0":
     torch.save(results, sys.argv[1])
-shutdown()
+shutdown(barrier=True)

@@ -20,4 +20,4 @@ for case in CASES:
         print("done", case, flush=True)
 if os.environ.get("RANK") == "0":
     torch.save(results, out)
-shutdown()
+shutdown(barrier=True)
